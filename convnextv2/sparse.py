@@ -1,0 +1,47 @@
+"""`SparseEncoder`: a timm ConvNeXt V2 run on the visible patches only, by a backend chosen by name."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from convnextv2.backends import get_backend
+from convnextv2.encoder import check_patch_local, encoder_patch_size
+
+
+class SparseEncoder(nn.Module):
+    """Wraps a timm `ConvNeXt` (kept as `.encoder`, weights untouched) and runs it on visible patches.
+
+    forward(x, mask):
+        x     (N, in_chans, H, W), H and W multiples of the patch size p (32 for the standard stem)
+        mask  (N, H/p, W/p), 1 = masked, 0 = visible
+        -> (N, C_last, H/p, W/p), zero at masked positions; values at visible positions depend only on visible pixels.
+    """
+
+    def __init__(self, encoder: nn.Module, backend: str = "masked"):
+        super().__init__()
+        check_patch_local(encoder)
+        self.encoder = encoder
+        self.backend = backend
+        self._forward = get_backend(backend)  # fail now on an unknown name
+        self.patch_size = encoder_patch_size(encoder)
+
+    def check_inputs(self, x: torch.Tensor, mask: torch.Tensor) -> None:
+        p = self.patch_size
+        if x.ndim != 4:
+            raise ValueError(f"expected images (N, C, H, W), got shape {tuple(x.shape)}")
+        n, c, h, w = x.shape
+        if c != self.encoder.in_chans:
+            raise ValueError(f"images have {c} channels but the encoder was built with in_chans={self.encoder.in_chans}")
+        if h % p or w % p:
+            raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}; resize or crop to a multiple of {p}")
+        if tuple(mask.shape) != (n, h // p, w // p):
+            raise ValueError(
+                f"mask has shape {tuple(mask.shape)}, expected (N, H/{p}, W/{p}) = {(n, h // p, w // p)} for images {tuple(x.shape)}"
+            )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        self.check_inputs(x, mask)
+        return self._forward(self.encoder, x, mask)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}, patch_size={self.patch_size}"

@@ -1,0 +1,5 @@
+import sys
+
+from fcmae.cli import main
+
+sys.exit(main())
