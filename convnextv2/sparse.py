@@ -1,4 +1,4 @@
-"""`SparseEncoder`: a timm ConvNeXt V2 run on the visible patches only, by a backend chosen by name."""
+"""Run a timm ConvNeXt V2 on the visible patches only, by a backend chosen by name."""
 from __future__ import annotations
 
 import torch
@@ -6,6 +6,29 @@ from torch import nn
 
 from convnextv2.backends import get_backend
 from convnextv2.encoder import check_patch_local, encoder_patch_size
+
+
+def check_sparse_inputs(encoder: nn.Module, x: torch.Tensor, mask: torch.Tensor) -> None:
+    """ValueError naming the problem unless x is (N, in_chans, H, W) with H, W multiples of p and mask (N, H/p, W/p)."""
+    p = encoder_patch_size(encoder)
+    if x.ndim != 4:
+        raise ValueError(f"expected images (N, C, H, W), got shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    if c != encoder.in_chans:
+        raise ValueError(f"images have {c} channels but the encoder was built with in_chans={encoder.in_chans}")
+    if h % p or w % p:
+        raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}; resize or crop to a multiple of {p}")
+    if tuple(mask.shape) != (n, h // p, w // p):
+        raise ValueError(
+            f"mask has shape {tuple(mask.shape)}, expected (N, H/{p}, W/{p}) = {(n, h // p, w // p)} "
+            f"for images {tuple(x.shape)}"
+        )
+
+
+def sparse_forward(encoder: nn.Module, x: torch.Tensor, mask: torch.Tensor, backend: str = "masked") -> torch.Tensor:
+    """x (N, in_chans, H, W), mask (N, H/p, W/p) 1 = masked -> (N, C_last, H/p, W/p), zero at masked positions."""
+    check_sparse_inputs(encoder, x, mask)
+    return get_backend(backend)(encoder, x, mask)
 
 
 class SparseEncoder(nn.Module):
@@ -20,28 +43,13 @@ class SparseEncoder(nn.Module):
     def __init__(self, encoder: nn.Module, backend: str = "masked"):
         super().__init__()
         check_patch_local(encoder)
+        get_backend(backend)  # fail now on an unknown name
         self.encoder = encoder
         self.backend = backend
-        self._forward = get_backend(backend)  # fail now on an unknown name
         self.patch_size = encoder_patch_size(encoder)
 
-    def check_inputs(self, x: torch.Tensor, mask: torch.Tensor) -> None:
-        p = self.patch_size
-        if x.ndim != 4:
-            raise ValueError(f"expected images (N, C, H, W), got shape {tuple(x.shape)}")
-        n, c, h, w = x.shape
-        if c != self.encoder.in_chans:
-            raise ValueError(f"images have {c} channels but the encoder was built with in_chans={self.encoder.in_chans}")
-        if h % p or w % p:
-            raise ValueError(f"image size {h}x{w} is not divisible by the patch size {p}; resize or crop to a multiple of {p}")
-        if tuple(mask.shape) != (n, h // p, w // p):
-            raise ValueError(
-                f"mask has shape {tuple(mask.shape)}, expected (N, H/{p}, W/{p}) = {(n, h // p, w // p)} for images {tuple(x.shape)}"
-            )
-
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        self.check_inputs(x, mask)
-        return self._forward(self.encoder, x, mask)
+        return sparse_forward(self.encoder, x, mask, self.backend)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}, patch_size={self.patch_size}"

@@ -7,7 +7,10 @@ from timm.layers import trunc_normal_
 from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 
-from convnextv2 import SparseEncoder, create_encoder
+from convnextv2 import create_encoder
+from convnextv2.backends import get_backend
+from convnextv2.encoder import check_patch_local, encoder_patch_size
+from convnextv2.sparse import sparse_forward
 from fcmae.masking import num_visible, patchify, random_mask
 
 
@@ -70,16 +73,14 @@ class FCMAE(nn.Module):
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.in_chans = in_chans
-        self.sparse_encoder = SparseEncoder(create_encoder(encoder_name, in_chans, **encoder_kwargs), backend)
-        self.patch_size = self.sparse_encoder.patch_size
+        get_backend(backend)  # fail now on an unknown name
+        self.backend = backend
+        self.encoder = create_encoder(encoder_name, in_chans, **encoder_kwargs)  # the timm model; keys `encoder.*`
+        check_patch_local(self.encoder)
+        self.patch_size = encoder_patch_size(self.encoder)
         self.decoder = FCMAEDecoder(
             self.encoder.num_features, self.patch_size, in_chans, decoder_dim, decoder_depth
         )
-
-    @property
-    def encoder(self) -> nn.Module:
-        """The timm ConvNeXt V2 model: its state_dict is timm's."""
-        return self.sparse_encoder.encoder
 
     def random_mask(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         n, _, h, w = imgs.shape
@@ -104,6 +105,6 @@ class FCMAE(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if mask is None:
             mask = self.random_mask(imgs)
-        features = self.sparse_encoder(imgs, mask)
+        features = sparse_forward(self.encoder, imgs, mask, self.backend)
         pred = rearrange(self.decoder(features, mask), "n d h w -> n (h w) d")
         return self.loss(imgs, pred, mask), pred, mask
