@@ -105,7 +105,7 @@ def run(args: argparse.Namespace, entry: str = DEFAULT_ENTRY) -> submitit.Job:
     sys.stdout.flush()
     if args.wait or res.cluster == "debug":  # debug runs here and now
         try:
-            job.result()
+            job.results()  # one result per task; raises the first task error
         except (submitit.core.utils.FailedJobError, submitit.core.utils.UncompletedJobError) as e:
             print(f"fcmae submit: job {job.job_id} failed:\n{e}", file=sys.stderr)
             raise SystemExit(1) from None
