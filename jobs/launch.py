@@ -89,7 +89,8 @@ class DistributedCommand:
         with environ(dist):
             status = resolve(self.entry)(list(self.argv))
         if status:  # a non-zero exit (e.g. a bad config) must fail the job, not count as a result
-            raise RuntimeError(f"fcmae {self.argv[0]} exited with status {status}; its message is in the log above")
+            raise RuntimeError(f"fcmae {self.argv[0]} exited with status {status}; its error message is printed "
+                               "just before this in the task's _log.err")
         return 0
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission | None:

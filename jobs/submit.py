@@ -76,8 +76,8 @@ def make_executor(job_dir: Path, res: Resources) -> submitit.AutoExecutor:
                                      slurm_max_num_timeout=res.max_requeues)
     slurm = {"partition": res.partition, "account": res.account, "qos": res.qos, "constraint": res.constraint,
              "mem": res.mem, "comment": res.comment, "exclusive": True if res.exclusive else None}
-    executor.update_parameters(
-        name=res.name, nodes=res.nodes, tasks_per_node=res.tasks, gpus_per_node=res.gpus_per_node,
+    executor.update_parameters(  # None = not set; no --gpus-per-node=0 line for sites without GPU GRES
+        name=res.name, nodes=res.nodes, tasks_per_node=res.tasks, gpus_per_node=res.gpus_per_node or None,
         cpus_per_task=res.cpus_per_task, timeout_min=res.timeout_min,
         **{f"slurm_{k}": v for k, v in slurm.items() if v is not None},
     )

@@ -168,14 +168,21 @@ up() {
     log "up: $(sinfo -h -o '%P %D %c %t' | tr '\n' ';') state and logs in $STATE"
 }
 
-stop() {  # stop NAME PIDFILE: SIGTERM, wait up to 20 s, then SIGKILL
-    local pid
-    alive "$2" || { rm -f "$2"; return 0; }
-    pid=$(cat "$2")
-    kill "$pid"
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-    if kill -0 "$pid" 2>/dev/null; then log "$1 ($pid) ignored SIGTERM: killing it"; kill -9 "$pid"; fi
-    rm -f "$2"
+stop() {  # stop PIDFILE...: SIGTERM them together, wait up to 20 s, then SIGKILL what is left
+    local file pid pids=()
+    for file in "$@"; do
+        if alive "$file"; then pids+=("$(cat "$file")"); kill "${pids[-1]}"; fi
+    done
+    for _ in $(seq 100); do
+        local left=0
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && left=1; done
+        ((left)) || break
+        sleep 0.2
+    done
+    for pid in "${pids[@]}"; do
+        if kill -0 "$pid" 2>/dev/null; then log "pid $pid ignored SIGTERM: killing it"; kill -9 "$pid"; fi
+    done
+    rm -f "$@"
 }
 
 down() {
@@ -185,11 +192,10 @@ down() {
         scancel --full --quiet --user="$(id -un)" 2>/dev/null || true
         for _ in $(seq 100); do [[ -z $(squeue -h -o %i 2>/dev/null) ]] && break; sleep 0.2; done
     fi
-    stop slurmd "$STATE/slurmd.pid"
-    stop slurmctld "$STATE/slurmctld.pid"
-    stop slurmdbd "$STATE/slurmdbd.pid"
-    stop mariadbd "$STATE/mariadbd.pid"
-    stop munged "$STATE/munged.pid"
+    # Order: the controller reports to slurmdbd, which needs mariadb and munge.
+    stop "$STATE/slurmd.pid" "$STATE/slurmctld.pid"
+    stop "$STATE/slurmdbd.pid"
+    stop "$STATE/mariadbd.pid" "$STATE/munged.pid"
     log "down"
 }
 

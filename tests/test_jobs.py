@@ -223,6 +223,32 @@ def test_distributed_env_from_slurm_variables(monkeypatch):
     assert master_port("123456_7") == 20000 + 1234567 % 10000  # array jobs: digits of "<array id>_<task>"
 
 
+def test_slurm_script_carries_every_option(job_env, tmp_path, monkeypatch, capsys):
+    """What reaches sbatch, through submitit's real submission path, with a stand-in `sbatch` on PATH that keeps
+    the batch script and answers like Slurm."""
+    bin_dir, kept = tmp_path / "bin", tmp_path / "submitted.sh"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ncp \"$1\" {kept}\necho 'Submitted batch job 4242'\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    job = submit(["pretrain", "--config", str(standin_config(tmp_path, steps=1)), "--job-dir", str(tmp_path / "j"),
+                  "--nodes", "2", "--gpus-per-node", "4", "--cpus-per-task", "6", "--partition", "gpu",
+                  "--account", "acct", "--qos", "high", "--constraint", "a100", "--mem", "0", "--exclusive",
+                  "--comment", "fcmae test", "--timeout-min", "90"])
+    assert job.job_id == "4242" and "squeue -j 4242" in capsys.readouterr().out
+    script = kept.read_text()
+    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=6", "--partition=gpu",
+                 "--account=acct", "--qos=high", "--constraint=a100", "--mem=0", "--exclusive", "--time=90",
+                 "--signal=USR2@90", "--job-name=fcmae-pretrain", f"--output={tmp_path / 'j' / 'logs'}/%j_0_log.out"):
+        assert f"#SBATCH {line}\n" in script, line
+    assert "--comment" in script and "fcmae test" in script
+    # A CPU job asks for no GPU at all (sites without GPU GRES reject --gpus-per-node=0).
+    submit(["pretrain", "--config", str(standin_config(tmp_path, steps=1)), "--job-dir", str(tmp_path / "k"),
+            "--tasks-per-node", "3"])
+    script = kept.read_text()
+    assert "#SBATCH --ntasks-per-node=3\n" in script and "gpus" not in script
+
+
 # ------------------------------------------------------------------------------------------ debug and local
 
 
