@@ -80,6 +80,10 @@ class DistributedCommand:
     def __call__(self) -> int:
         env = submitit.JobEnvironment()
         dist = distributed_env(env)
+        # A task killed by an earlier attempt's requeue (its peers vanished mid-collective) left an error result;
+        # drop it, or the job would look finished-with-error as soon as task 0 of this attempt is done.
+        if "SUBMITIT_FOLDER" in os.environ:  # set by submitit's job runner (slurm, local); not in debug mode
+            env.paths.result_pickle.unlink(missing_ok=True)
         if env.global_rank == 0:
             last = Path(self.run_dir, "last.pt") if self.run_dir else None
             start = (f"resumes from {last}" if last and last.exists() else "starts from scratch")
