@@ -35,7 +35,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     for name in COMMANDS:
         c = commands.add_parser(name, parents=[options], help=f"submit `fcmae {name}`",
                                 description=f"Submit `fcmae {name} --config FILE [key=value ...]` as a job. "
-                                f"The run directory and logs go to --job-dir; on preemption the job requeues and resumes.")
+                                "The run directory and logs go to --job-dir; on preemption the job requeues and "
+                                "resumes.")
         c.set_defaults(func=run)
 
 
@@ -84,6 +85,7 @@ def command_argv(args: argparse.Namespace, job_dir: Path) -> tuple[list[str], Pa
 
 
 def run(args: argparse.Namespace, entry: str = DEFAULT_ENTRY) -> submitit.Job:
+    """Validate, submit `entry(argv)` (`fcmae.cli:main` unless a test swaps it), say where to look; the job."""
     job_dir = Path(args.job_dir).resolve()
     res = Resources(
         cluster=args.cluster, nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,

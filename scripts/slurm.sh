@@ -202,7 +202,8 @@ down() {
 status() {
     local name
     for name in munged mariadbd slurmdbd slurmctld slurmd; do
-        if alive "$STATE/$name.pid"; then echo "$name running ($(cat "$STATE/$name.pid"))"; else echo "$name stopped"; fi
+        if alive "$STATE/$name.pid"; then echo "$name running ($(cat "$STATE/$name.pid"))"
+        else echo "$name stopped"; fi
     done
 }
 
