@@ -4,9 +4,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fcmae import demo
+from fcmae import demo, pretrain, visualize
+from fcmae.data import write_shards
 
-COMMANDS = [demo]
+COMMANDS = [demo, pretrain, visualize, write_shards]
 
 
 def build_parser() -> argparse.ArgumentParser:
