@@ -61,7 +61,7 @@ class ShardImages(IterableDataset):
     Epoch e visits the shards in an order seeded by (seed, e, pass); this process and this worker take their share
     with webdataset's split_by_node / split_by_worker; samples go through a shuffle buffer seeded by (seed, e, rank,
     worker). The DataLoader (batch_size=None) collects batches from its workers round-robin, so `skip_batches`
-    (a resumed epoch) is honoured by each worker dropping its share of raw samples before decoding them.
+    (a resumed epoch) is honoured by each worker decoding (not augmenting) and dropping its share of samples.
     Unreadable images are skipped and counted in `failures` of the batch that follows them.
     """
 
@@ -91,16 +91,19 @@ class ShardImages(IterableDataset):
 
     def __iter__(self):
         rank, _, worker, num_workers = wds.utils.pytorch_worker_info()
-        skip = max(0, -(-(self.skip_batches - worker) // num_workers)) * self.batch  # this worker's consumed samples
-        images, failures, count, pending = [], [], 0, 0
+        # this worker's share of the consumed batches, in readable samples (unreadable ones decode to None again)
+        skip = max(0, -(-(self.skip_batches - worker) // num_workers)) * self.batch
+        images, failures, pending, good = [], [], 0, 0
         for i, sample in enumerate(self.raw_samples(rank, worker)):
-            if i < skip:
-                continue
             img = decode_image(image_bytes(sample) or b"", self.in_chans)
             if img is None:
                 pending += 1
                 if pending > 10000 and not images:
                     raise RuntimeError("more than 10000 unreadable images in a row in the shards; check data.path")
+                continue
+            good += 1
+            if good <= skip:
+                pending = 0
                 continue
             images.append(seeded_call(self.transform, img, derive_seed(self.seed, self.epoch, rank, worker, i)))
             failures.append(pending)
