@@ -5,9 +5,10 @@ import argparse
 import sys
 from importlib.metadata import entry_points
 
-from fcmae import convert, demo
+from fcmae import convert, demo, pretrain, visualize
+from fcmae.data import write_shards
 
-COMMANDS = [demo, convert]
+COMMANDS = [pretrain, convert, visualize, write_shards, demo]
 
 
 def plugin_commands() -> list:
