@@ -13,11 +13,11 @@ def test_topk_and_per_class_against_direct_computation():
     expect1 = (logits.argmax(1) == target).float().mean().item() * 100
     expect5 = (top5 == target[:, None]).any(1).float().mean().item() * 100
     s = meter.summary()
-    assert abs(s["top1"] - expect1) < 1e-9 and abs(s["top5"] - expect5) < 1e-9 and s["count"] == 200
+    assert abs(s["top1"] - expect1) < 1e-4 and abs(s["top5"] - expect5) < 1e-4 and s["count"] == 200
     for c, n, acc in meter.per_class():
         sel = target == c
         assert n == sel.sum().item()
-        assert abs(acc - (logits[sel].argmax(1) == c).float().mean().item() * 100) < 1e-9
+        assert abs(acc - (logits[sel].argmax(1) == c).float().mean().item() * 100) < 1e-4
 
 
 def test_fewer_than_five_classes():
