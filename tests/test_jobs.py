@@ -32,9 +32,8 @@ JOB_TIMEOUT_S = 180
 # The pretraining run the Slurm tests submit: the contract's demo config, checkpointing every step so that a
 # preemption lands between checkpoints. It must last long enough (> ~10 s) to be preempted mid-run.
 PRETRAIN_CONFIG = REPO / "configs" / "pretrain" / "demo.yaml"
-PRETRAIN_OVERRIDES = ["seed=0", "checkpoint.every_steps=1", "data.num_workers=0"]
-needs_pretrain = pytest.mark.skipif(importlib.util.find_spec("fcmae.pretrain") is None,
-                                    reason="fcmae pretrain not available")
+PRETRAIN_OVERRIDES = ["seed=0", "checkpoint.every_steps=1", "data.num_workers=0", "optim.epochs=2", "data.num_samples=192",
+                      "data.batch_size=16", "log.vis_every_epochs=0"]
 
 
 # ----------------------------------------------------------------------------------------------------- fixtures
@@ -310,7 +309,8 @@ def test_slurm_failing_job_stops_with_its_error(slurm, job_env, tmp_path):
     wait_done(job)
     with pytest.raises(submitit.core.utils.FailedJobError, match="stand-in failure at step 2"):
         job.results()
-    assert "stand-in failure at step 2" in job.paths.stderr.read_text()
+    # The result file can land before the task's traceback is flushed to its log.
+    wait_for(lambda: "stand-in failure at step 2" in tail(job.paths.stderr), "the error in the job's log", 30)
     assert torch.load(job_dir / "last.pt", weights_only=True)["starts"] == [0]  # not requeued
     assert sacct_states(job.job_id) == ["FAILED"]
 
@@ -360,14 +360,12 @@ def pretrained(tmp_path_factory, slurm, fcmae_commands) -> Path:
     return job_dir
 
 
-@needs_pretrain
 def test_slurm_pretrain_job_writes_its_checkpoint(pretrained):
     state = model_state(pretrained / "last.pt")
     assert any(k.startswith("encoder.") for k in state) and any(k.startswith("decoder.") for k in state)
     assert (pretrained / "config.yaml").exists() and (pretrained / "logs").is_dir()
 
 
-@needs_pretrain
 def test_slurm_pretrain_preempted_resumes_to_the_same_weights(pretrained, slurm, job_env, tmp_path):
     job_dir = tmp_path / "job"
     job = submit(pretrain_argv(job_dir, "--partition", slurm, "--tasks-per-node", "2", "--timeout-min", "30"),
@@ -385,7 +383,6 @@ def test_slurm_pretrain_preempted_resumes_to_the_same_weights(pretrained, slurm,
         assert torch.equal(ref[k], got[k]), k
 
 
-@needs_pretrain
 def test_local_pretrain_job(job_env, tmp_path):
     job = submit(pretrain_argv(tmp_path / "job", "--cluster", "local", "--tasks-per-node", "2"),
                  entry="fcmae.cli:main")
