@@ -6,7 +6,7 @@
 # PyPI has 0.5.4 only as an sdist, which needs small fixes on Python >= 3.10 and modern setuptools/torch
 # (see the `patch_sources` function). The compiled extension only works with the exact torch it was built
 # against, so the wheel is cached per torch + Python + CPU/CUDA:
-#   ${FCMAE_CACHE:-$HOME/.cache/fcmae}/wheels/<torch>-<cpXY>-<cpu|cuda>/MinkowskiEngine-0.5.4-*.whl
+#   ${FCMAE_CACHE:-$HOME/.cache/fcmae}/wheels/<torch>-<cpXY>-<cpu|cuda>/minkowskiengine-0.5.4-*.whl
 # and reused when present (delete that folder to force a rebuild).
 #
 # Environment:
@@ -58,7 +58,9 @@ esac
 [ "$VARIANT" = cpu ] || [ "$TORCH_CUDA" != none ] || die "MINKOWSKI_CUDA=1 needs a CUDA build of torch (have $TORCH_VER)"
 
 WHEEL_DIR="$CACHE/wheels/${TORCH_VER}-${PYTAG}-${VARIANT}"
-WHEEL=$(ls "$WHEEL_DIR"/MinkowskiEngine-"$VERSION"-*.whl 2>/dev/null | head -n1 || true)
+# New setuptools names the wheel minkowskiengine-*.whl, older ones MinkowskiEngine-*.whl: match either.
+find_wheel() { find "$1" -maxdepth 1 -iname "minkowskiengine-$VERSION-*.whl" 2>/dev/null | head -n1 || true; }
+WHEEL=$(find_wheel "$WHEEL_DIR")
 
 install_system_deps() {
     local missing=()
@@ -121,7 +123,7 @@ fetch_sdist() {
 if [ -z "$WHEEL" ]; then
     install_system_deps
     WORK=$(mktemp -d "${TMPDIR:-/tmp}/minkowski-build.XXXXXX")
-    trap 'rm -rf "$WORK"' EXIT
+    log "working in $WORK (removed on success, kept on failure)"
     fetch_sdist "$WORK"
     SRC="$WORK/MinkowskiEngine-$VERSION"
     patch_sources "$SRC"
@@ -130,14 +132,16 @@ if [ -z "$WHEEL" ]; then
     log "building the $VARIANT wheel for torch $TORCH_VER / $PYTAG with MAX_JOBS=$MAX_JOBS (5-8 min on 2 cores)"
     start=$SECONDS
     (cd "$SRC" && "$PY" setup.py bdist_wheel "${FLAGS[@]}" -d "$WORK/dist") > "$WORK/build.log" 2>&1 \
-        || { tail -n 40 "$WORK/build.log" >&2; die "build failed (log above)"; }
+        || { tail -n 40 "$WORK/build.log" >&2; die "build failed (log above; full log $WORK/build.log)"; }
     log "built in $((SECONDS - start)) s"
-    built=$(ls "$WORK"/dist/MinkowskiEngine-"$VERSION"-*.whl) || die "no wheel produced"
+    built=$(find_wheel "$WORK/dist")
+    [ -n "$built" ] || die "no wheel in $WORK/dist (full log $WORK/build.log)"
     mkdir -p "$WHEEL_DIR"
     # Copy then rename: a concurrent or interrupted build never leaves a half-written wheel in the cache.
     cp "$built" "$WHEEL_DIR/.$(basename "$built").tmp"
     mv "$WHEEL_DIR/.$(basename "$built").tmp" "$WHEEL_DIR/$(basename "$built")"
     WHEEL="$WHEEL_DIR/$(basename "$built")"
+    rm -rf "$WORK"
 else
     log "using cached wheel $WHEEL"
 fi
