@@ -5,7 +5,7 @@ VENV ?= .venv
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 PY := $(VENV)/bin/python
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test minkowski clean
 
 venv: $(VENV)/.installed
 
@@ -20,6 +20,11 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# MinkowskiEngine 0.5.4 for the `minkowski` backend: built once per torch + Python version into
+# ${FCMAE_CACHE:-~/.cache/fcmae}/wheels/, then installed into the venv (see README).
+minkowski: venv
+	scripts/build_minkowski.sh $(PY)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
