@@ -20,7 +20,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1.5e-3)
     p.add_argument("--size", type=int, default=64, help="image side in pixels, a multiple of 32 (default 64)")
-    p.add_argument("--backend", default="masked", help="sparse backend (default masked)")
+    p.add_argument("--backend", default="packed", help="sparse backend: packed (default, fast) or masked (reference)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 

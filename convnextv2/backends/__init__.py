@@ -34,3 +34,4 @@ def get_backend(name: str) -> Backend:
 
 # Importing a backend module registers it.
 from convnextv2.backends import masked  # noqa: E402,F401
+from convnextv2.backends import packed  # noqa: E402,F401
