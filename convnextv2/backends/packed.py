@@ -118,12 +118,14 @@ def packed_forward(encoder: ConvNeXt, x: torch.Tensor, mask: torch.Tensor) -> to
     p = height // h
     vis = visible_patches(mask)  # (N, V)
     v = vis.shape[1]
+    if v == 0:  # nothing visible: the sparse output is all zeros, as with `masked`
+        return x.new_zeros(n, encoder.num_features, h, w)
 
     # Stem on the visible image patches only: (N, V, p, p, C_in) gathered straight from x (any memory format).
     pix = x.permute(0, 2, 3, 1).reshape(n, h, p, w, p, x.shape[1])
     batch = torch.arange(n, device=x.device)[:, None].expand(n, v)
     pix = pix[batch, vis // w, :, vis % w]  # advanced indices first: (N, V, p, p, C_in)
-    t = patch_conv(encoder.stem[0], pix.reshape(n * v, p, p, -1))  # (N*V, r, r, C)
+    t = patch_conv(encoder.stem[0], pix.reshape(n * v, p, p, x.shape[1]))  # (N*V, r, r, C)
     t = layer_norm(encoder.stem[1], t)
     r = t.shape[1]
 
