@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fcmae import demo
+from fcmae import bench, demo
 
-COMMANDS = [demo]
+COMMANDS = [demo, bench]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -55,18 +55,48 @@ def token_index(vis: torch.Tensor, grid: tuple[int, int], r: int) -> torch.Tenso
     return (((batch + rows) * (w * r)) + cols).reshape(-1)
 
 
+class _Scatter(torch.autograd.Function):
+    """(T, C) rows -> (R, C) zeros with the rows at `index` (distinct). Backward: a gather (no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, rows: torch.Tensor, index: torch.Tensor, size: int) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        return rows.new_zeros(size, rows.shape[1]).index_copy_(0, index, rows)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.index_select(0, index), None, None
+
+
+class _Gather(torch.autograd.Function):
+    """(R, C) -> the (T, C) rows at `index`. Backward: a copy into zeros, not index_select's scatter-add, which is
+    several times slower on CPU; valid because the indices are distinct."""
+
+    @staticmethod
+    def forward(ctx, grid: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.size = grid.shape[0]
+        return grid.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.size, grad.shape[1]).index_copy_(0, index, grad.contiguous()), None
+
+
 def to_grid(tokens: torch.Tensor, index: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     """tokens (N, T, C) -> (N, C, H_s, W_s) zero-filled grid (channels_last memory), shape = (N, H_s, W_s)."""
     n, hs, ws = shape
     c = tokens.shape[-1]
-    grid = tokens.new_zeros(n * hs * ws, c).index_copy(0, index, tokens.reshape(-1, c))
+    grid = _Scatter.apply(tokens.reshape(-1, c), index, n * hs * ws)
     return grid.view(n, hs, ws, c).permute(0, 3, 1, 2)
 
 
 def from_grid(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """(N, C, H_s, W_s) -> (N, T, C) tokens at `index`; a view plus a row gather when x is channels_last."""
     n, c = x.shape[:2]
-    return x.permute(0, 2, 3, 1).reshape(-1, c).index_select(0, index).view(n, -1, c)
+    return _Gather.apply(x.permute(0, 2, 3, 1).reshape(-1, c), index).view(n, -1, c)
 
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +125,8 @@ def grn(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """timm GlobalResponseNorm on tokens x (N, T, C): the L2 norm per sample and channel over the T visible tokens."""
     gx = x.norm(p=2, dim=1, keepdim=True)
     nx = gx / (gx.mean(dim=-1, keepdim=True) + layer.eps)
-    return x + torch.addcmul(layer.bias, layer.weight, x * nx)
+    # x + bias + weight * (x * nx) with a single full-size op: the (N, 1, C) factor is cheap to build.
+    return torch.addcmul(layer.bias, x, 1 + layer.weight * nx)
 
 
 def packed_block(block: ConvNeXtBlock, x: torch.Tensor, index: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
