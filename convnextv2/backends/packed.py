@@ -125,8 +125,9 @@ def grn(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """timm GlobalResponseNorm on tokens x (N, T, C): the L2 norm per sample and channel over the T visible tokens."""
     gx = x.norm(p=2, dim=1, keepdim=True)
     nx = gx / (gx.mean(dim=-1, keepdim=True) + layer.eps)
-    # x + bias + weight * (x * nx) with a single full-size op: the (N, 1, C) factor is cheap to build.
-    return torch.addcmul(layer.bias, x, 1 + layer.weight * nx)
+    # x + bias + weight * (x * nx) with a single full-size op: the (N, 1, C) factor is cheap to build. Under autocast
+    # the norm is fp32; casting the small factors keeps the big output in x's dtype (fc2 would cast it anyway).
+    return torch.addcmul(layer.bias.to(x.dtype), x, (1 + layer.weight * nx).to(x.dtype))
 
 
 def packed_block(block: ConvNeXtBlock, x: torch.Tensor, index: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
