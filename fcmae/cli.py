@@ -3,10 +3,26 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import entry_points
 
-from fcmae import bench, demo
+from fcmae import bench, convert, demo, pretrain, visualize
+from fcmae.data import write_shards
 
-COMMANDS = [demo, bench]
+COMMANDS = [pretrain, convert, visualize, write_shards, demo, bench]
+
+
+def plugin_commands() -> list:
+    """Subcommand modules other packages declare in the `fcmae.commands` entry-point group (pyproject.toml),
+    e.g. `submit` from jobs/: fcmae reaches them without importing them by name (jobs builds on fcmae, not the
+    reverse). One that fails to import is reported and left out, so a broken plugin cannot break `fcmae`."""
+    modules = []
+    for ep in entry_points(group="fcmae.commands"):
+        try:
+            modules.append(ep.load())
+        except Exception as e:  # noqa: BLE001 - any import failure of a plugin
+            print(f"fcmae: warning: command {ep.name!r} ({ep.value}) failed to load and is left out: {e}",
+                  file=sys.stderr)
+    return modules
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
-    for module in COMMANDS:
+    for module in COMMANDS + plugin_commands():
         module.add_parser(subparsers)
     return parser
 

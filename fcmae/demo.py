@@ -1,47 +1,54 @@
-"""`fcmae demo`: a short FCMAE pretraining of ConvNeXt V2 atto on the built-in digits, on CPU, printing the loss."""
+"""`fcmae demo`: a short FCMAE pretraining of ConvNeXt V2 atto on the built-in digits, on CPU, printing the loss.
+
+It is `fcmae pretrain --config configs/pretrain/demo.yaml` in a fresh run directory: the same engine, checkpoints,
+metrics and reconstruction pictures as a real run.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
-import torch
-
-from fcmae.demo_data import load_digits
-from fcmae.model import FCMAE
+DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "pretrain", "demo.yaml")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "demo", help="short FCMAE pretraining on the built-in digits (CPU, about a minute)",
+        "demo", help="short FCMAE pretraining on the built-in digits (CPU, a couple of minutes)",
         description="Pretrain ConvNeXt V2 atto with FCMAE on scikit-learn's handwritten digits (upscaled to 64 px) "
-        "and print the loss per epoch. Nothing is downloaded.",
+        "with configs/pretrain/demo.yaml and print the loss per epoch. Nothing is downloaded.",
     )
-    p.add_argument("--epochs", type=int, default=4, help="passes over the 1797 digits (default 4)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1.5e-3)
-    p.add_argument("--size", type=int, default=64, help="image side in pixels, a multiple of 32 (default 64)")
-    p.add_argument("--backend", default="packed", help="sparse backend: packed (default, fast) or masked (reference)")
+    p.add_argument("--epochs", type=int, default=None, help="passes over the 1797 digits (default: demo.yaml's, 4)")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels, a multiple of 32 (default 64)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch (default 64)")
+    p.add_argument("--lr", type=float, default=None, help="absolute learning rate (default: blr x batch / 256 = 1.5e-3)")
+    p.add_argument("--backend", default=None, help="sparse backend (default: demo.yaml's)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="run directory (default: a new runs/demo/<time>)")
+    p.add_argument("overrides", nargs="*", help="more key=value overrides of demo.yaml")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> dict[str, float]:
-    torch.manual_seed(args.seed)
-    imgs, _ = load_digits(args.size)
-    imgs = (imgs - 0.5) / 0.5
-    model = FCMAE("convnextv2_atto", in_chans=3, mask_ratio=0.5, decoder_dim=128, backend=args.backend)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, betas=(0.9, 0.95),
-                            weight_decay=0.05)
-    losses = {}
-    print(f"FCMAE demo: convnextv2_atto on {len(imgs)} digits at {args.size}px, backend {args.backend}")
-    for epoch in range(args.epochs):
-        t0, total, steps = time.time(), 0.0, 0
-        for batch in torch.randperm(len(imgs)).split(args.batch_size):
-            loss, _, _ = model(imgs[batch])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total, steps = total + loss.item(), steps + 1
-        losses[epoch] = total / steps
-        print(f"epoch {epoch + 1}/{args.epochs}  loss {losses[epoch]:.4f}  ({time.time() - t0:.1f}s)", flush=True)
-    return losses
+def run(args: argparse.Namespace) -> dict:
+    from fcmae.config import load_config
+    from fcmae.pretrain import pretrain
+    from fcmae.pretrain_config import PretrainConfig
+
+    if not os.path.isfile(DEMO_CONFIG):
+        raise ValueError(f"{DEMO_CONFIG} is missing; run the demo from a source checkout (pip install -e .)")
+    out = args.out or os.path.join("runs", "demo", time.strftime("%Y%m%d-%H%M%S"))
+    overrides = [f"output_dir={out}", f"seed={args.seed}"]
+    if args.epochs is not None:
+        overrides.append(f"optim.epochs={args.epochs}")
+    if args.size is not None:
+        overrides.append(f"data.image_size={args.size}")
+    if args.batch_size is not None:
+        overrides.append(f"data.batch_size={args.batch_size}")
+    if args.lr is not None:
+        overrides.append(f"optim.lr={args.lr}")
+    if args.backend is not None:
+        overrides.append(f"model.backend={args.backend}")
+    cfg = load_config(PretrainConfig, DEMO_CONFIG, overrides + list(args.overrides))
+    summary = pretrain(cfg)
+    print(f"run directory: {out} (last.pt, metrics.jsonl, reconstruction-epoch*.png)")
+    return summary

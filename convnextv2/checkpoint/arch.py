@@ -1,0 +1,60 @@
+"""ConvNeXt V2 sizes, and reading the size (depths, dims, in_chans, stem stride) off a timm state_dict."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+# timm's convnextv2_<size> definitions (SPEC §1; `small` is timm's own). conv_mlp: atto..nano build the MLP as 1x1
+# convs, so their mlp.fc weights are (out, in, 1, 1) instead of (out, in).
+SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...], bool]] = {
+    "convnextv2_atto": ((2, 2, 6, 2), (40, 80, 160, 320), True),
+    "convnextv2_femto": ((2, 2, 6, 2), (48, 96, 192, 384), True),
+    "convnextv2_pico": ((2, 2, 6, 2), (64, 128, 256, 512), True),
+    "convnextv2_nano": ((2, 2, 8, 2), (80, 160, 320, 640), True),
+    "convnextv2_tiny": ((3, 3, 9, 3), (96, 192, 384, 768), False),
+    "convnextv2_small": ((3, 3, 27, 3), (96, 192, 384, 768), False),
+    "convnextv2_base": ((3, 3, 27, 3), (128, 256, 512, 1024), False),
+    "convnextv2_large": ((3, 3, 27, 3), (192, 384, 768, 1536), False),
+    "convnextv2_huge": ((3, 3, 27, 3), (352, 704, 1408, 2816), False),
+}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """What a checkpoint's tensors imply: `name` is the matching timm model, or None for a custom size."""
+    depths: tuple[int, ...]
+    dims: tuple[int, ...]
+    in_chans: int
+    patch_size: int
+    name: str | None
+
+    def describe(self) -> str:
+        size = self.name or "a custom ConvNeXt V2"
+        return f"{size} (depths {list(self.depths)}, dims {list(self.dims)}, in_chans {self.in_chans}, stem {self.patch_size}x{self.patch_size})"
+
+
+def arch_by_name(name: str) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+    if name not in SIZES:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(SIZES)}")
+    return SIZES[name]
+
+
+def infer_arch(sd: dict[str, torch.Tensor]) -> Arch:
+    """timm-keyed encoder state_dict -> Arch. Depths count the blocks per stage, dims are each stage's width."""
+    stem = sd.get("stem.0.weight")
+    if stem is None or stem.ndim != 4:
+        raise ValueError("no stem convolution (stem.0.weight) in the checkpoint; it is not a ConvNeXt V2 encoder")
+    blocks: dict[int, set[int]] = {}
+    for k in sd:
+        m = re.match(r"stages\.(\d+)\.blocks\.(\d+)\.", k)
+        if m:
+            blocks.setdefault(int(m.group(1)), set()).add(int(m.group(2)))
+    stages = sorted(blocks)
+    if not stages or stages != list(range(len(stages))):
+        raise ValueError(f"the checkpoint's stages are not numbered 0..n-1 (found {stages})")
+    depths = tuple(len(blocks[s]) for s in stages)
+    dims = tuple(int(sd[f"stages.{s}.blocks.0.conv_dw.weight"].shape[0]) for s in stages)
+    name = next((n for n, (d, c, _) in SIZES.items() if d == depths and c == dims), None)
+    return Arch(depths, dims, int(stem.shape[1]), int(stem.shape[2]), name)

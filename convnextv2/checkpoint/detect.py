@@ -1,0 +1,92 @@
+"""Recognise a loaded checkpoint's format from its keys, and pull out the encoder's state_dict."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from convnextv2.checkpoint.io import CheckpointError
+
+FORMATS = {
+    "fcmae": "this project's FCMAE checkpoint",
+    "timm": "timm ConvNeXt V2 state_dict",
+    "reference": "reference repo dense state_dict (fine-tuned or pt_only)",
+    "minkowski": "reference repo MinkowskiEngine sparse state_dict (FCMAE pretraining)",
+    "hf": "Hugging Face transformers ConvNextV2 state_dict",
+}
+CONTAINER_KEYS = ("model", "state_dict", "model_ema", "state_dict_ema")
+# FCMAE decoder parts: ours (`decoder.*`) and the reference's top-level `proj`, `mask_token`, `decoder`, `pred`.
+DECODER_PREFIXES = ("decoder.", "proj.", "pred.", "mask_token")
+
+
+@dataclass
+class Source:
+    """A checkpoint's encoder weights in their own layout (container and `module.`/`encoder.` prefixes removed)."""
+    format: str
+    state_dict: dict[str, torch.Tensor]
+    notes: list[str] = field(default_factory=list)
+    model_args: dict[str, Any] | None = None  # FCMAE checkpoints only
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def _sample(keys, n: int = 5) -> str:
+    keys = list(keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} keys)" if len(keys) > n else "")
+
+
+def detect(obj: Any, where: str = "checkpoint") -> Source:
+    """Loaded checkpoint (see io.load_file) -> Source. CheckpointError if it is no ConvNeXt V2 checkpoint."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{where} holds a {type(obj).__name__}, not a state_dict or a checkpoint dict")
+    notes: list[str] = []
+    if obj.get("format") == "fcmae":
+        sd = obj.get("model")
+        if not _is_state_dict(sd):
+            raise CheckpointError(f"{where} says format 'fcmae' but has no 'model' state_dict")
+        enc = _strip(sd, "encoder.")
+        # The FCMAE encoder's head.norm is frozen and never trained: a fine-tune starts it fresh.
+        enc = {k: v for k, v in enc.items() if not k.startswith("head.")}
+        notes.append(f"FCMAE checkpoint (version {obj.get('version')}): took encoder.*, ignored the decoder"
+                     + (f", epoch {obj['epoch']}" if "epoch" in obj else ""))
+        return Source("fcmae", enc, notes, obj.get("model_args"))
+    if _is_state_dict(obj):
+        sd = obj
+    else:
+        key = next((k for k in CONTAINER_KEYS if _is_state_dict(obj.get(k))), None)
+        if key is None:
+            raise CheckpointError(
+                f"{where} has no state_dict: top-level keys are [{_sample(obj.keys())}]; expected tensors or a dict "
+                f"with one of {', '.join(CONTAINER_KEYS)}"
+            )
+        sd = obj[key]
+        notes.append(f"weights from the checkpoint's {key!r} entry")
+    if all(k.startswith("module.") for k in sd):
+        sd = _strip(sd, "module.")  # saved from a DistributedDataParallel wrapper
+    hf_markers = ("embeddings.patch_embeddings.weight", "convnextv2.embeddings.patch_embeddings.weight")
+    if any(m in sd for m in hf_markers):
+        return Source("hf", sd, notes)
+    if any(k.startswith("encoder.") for k in sd):
+        others = [k for k in sd if not k.startswith("encoder.")]
+        if others:
+            decoder = [k for k in others if k.startswith(DECODER_PREFIXES)]
+            notes.append(f"took encoder.*, ignored {len(others)} other keys"
+                         + (" (the FCMAE decoder)" if len(decoder) == len(others) else f": {_sample(others)}"))
+        sd = _strip(sd, "encoder.")
+    if "stem.0.weight" in sd:
+        return Source("timm", sd, notes)
+    if any(k.endswith("dwconv.kernel") for k in sd):
+        return Source("minkowski", sd, notes)
+    if "downsample_layers.0.0.weight" in sd:
+        return Source("reference", sd, notes)
+    raise CheckpointError(
+        f"{where} is not a ConvNeXt V2 checkpoint: its keys [{_sample(sd)}] match none of the known layouts "
+        f"({'; '.join(FORMATS.values())})"
+    )

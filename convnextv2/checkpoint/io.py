@@ -1,0 +1,134 @@
+"""Safe checkpoint files: load untrusted files without running code, write atomically.
+
+Loading never unpickles arbitrary objects: `.safetensors` goes through safetensors, everything else through
+`torch.load(weights_only=True)` (tensors, dicts, lists, numbers, strings; plus `argparse.Namespace`, which the
+reference repo's training checkpoints carry as `args` and which holds plain data). Every failure becomes one
+`CheckpointError` (a `ValueError`) that names the file, the problem and the fix.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import struct
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file as _st_load, save_file as _st_save
+
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+SAFE_GLOBALS = [argparse.Namespace]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file, the problem and the fix."""
+
+
+def _file_kind(path: Path) -> str:
+    """'safetensors' | 'zip' (torch >= 1.6) | 'pickle' (legacy torch.save) | 'empty' | 'unknown', from the bytes."""
+    size = path.stat().st_size
+    if size == 0:
+        return "empty"
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if len(head) == 9 and head[8:9] == b"{":
+        (n,) = struct.unpack("<Q", head[:8])
+        if 0 < n < 100_000_000:  # a header length, not random bytes
+            return "safetensors"
+    if head[:1] == b"\x80":  # pickle protocol >= 2 opcode
+        return "pickle"
+    return "unknown"
+
+
+def load_file(path: str | os.PathLike) -> Any:
+    """Load a checkpoint file without executing code -> whatever it holds (usually a dict).
+
+    Raises CheckpointError for a missing, empty, truncated or non-checkpoint file, and for a pickle whose objects
+    need code (custom classes) to load.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist (or is not a file); check the path")
+    kind = _file_kind(path)
+    if kind == "empty":
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); the write was probably interrupted: re-create it")
+    if kind == "unknown":
+        with open(path, "rb") as f:
+            start = f.read(16)
+        raise CheckpointError(
+            f"{path} is not a checkpoint: neither a PyTorch file (zip or pickle) nor safetensors "
+            f"(it starts with {start!r}); pass a .pth/.pt/.safetensors file"
+        )
+    if kind == "safetensors":
+        try:
+            return _st_load(str(path), device="cpu")
+        except SafetensorError as e:
+            raise CheckpointError(
+                f"safetensors file {path} is truncated or corrupt ({e}); re-download or re-export it"
+            ) from None
+    if kind == "zip" and not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt (its zip directory is missing); re-download or re-save it"
+        )
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if found:
+            raise CheckpointError(
+                f"{path} holds a pickled Python object ({found.group(1)}) that needs code to load; untrusted files "
+                "are only loaded with weights_only=True. If you trust the file, load it yourself with "
+                "torch.load(..., weights_only=False) and re-save just its state_dict (tensors only)"
+            ) from None
+        raise CheckpointError(f"{path} is truncated or corrupt ({e}); re-download or re-save it") from None
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as e:
+        what = "a truncated or corrupt PyTorch checkpoint" if kind == "pickle" else "not a readable PyTorch checkpoint"
+        raise CheckpointError(f"{path} is {what} ({type(e).__name__}: {e}); re-download or re-save it") from None
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call write(tmp_path) on a temp file in path's folder, then os.replace it onto path: readers never see half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def check_weights_suffix(path: str | os.PathLike) -> None:
+    """ValueError unless path ends in a weights suffix we write (.safetensors, .pth, .pt, .bin)."""
+    if Path(path).suffix not in WEIGHT_SUFFIXES:
+        raise ValueError(
+            f"cannot tell the file type of {path}: name it *.safetensors (recommended), *.pth or *.pt"
+        )
+
+
+def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
+    """Write a flat {name: tensor} dict atomically: safetensors for *.safetensors, torch.save otherwise."""
+    check_weights_suffix(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
+    if Path(path).suffix == ".safetensors":
+        return atomic_write(path, lambda tmp: _st_save(tensors, tmp, metadata={"format": "pt"}))
+    return atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save(obj) atomically; obj must stay loadable with weights_only=True (plain containers and tensors)."""
+    return atomic_write(path, lambda tmp: torch.save(obj, tmp))

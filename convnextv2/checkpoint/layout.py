@@ -1,0 +1,64 @@
+"""Weight layouts of MinkowskiEngine convolutions vs torch's Conv2d (SPEC §4), as small public functions.
+
+MinkowskiEngine stores a 2-D convolution kernel as (k*k, Cin, Cout) and a depthwise one as (k*k, C). Its kernel
+offsets are ordered with the first spatial axis varying fastest:
+    kernel[a + k*b, i, o] == W_torch[o, i, a, b]      (a = row offset, b = column offset)
+    dw_kernel[a + k*b, c] == W_torch[c, 0, a, b]
+(the reference repo's own sparse -> dense remap uses exactly this order). Biases are (1, C).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _side(volume: int) -> int:
+    k = math.isqrt(volume)
+    if k * k != volume:
+        raise ValueError(f"kernel volume {volume} is not a square k*k; not a 2-D Minkowski kernel")
+    return k
+
+
+def timm_dw_to_minkowski(weight: torch.Tensor) -> torch.Tensor:
+    """Depthwise Conv2d weight (C, 1, k, k) -> Minkowski depthwise kernel (k*k, C)."""
+    if weight.ndim != 4 or weight.shape[1] != 1 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"expected a depthwise weight (C, 1, k, k), got {tuple(weight.shape)}")
+    c, _, k, _ = weight.shape
+    return weight[:, 0].permute(2, 1, 0).reshape(k * k, c).contiguous()  # (b, a, c): offset a + k*b
+
+
+def minkowski_dw_to_timm(kernel: torch.Tensor) -> torch.Tensor:
+    """Minkowski depthwise kernel (k*k, C) -> depthwise Conv2d weight (C, 1, k, k)."""
+    if kernel.ndim != 2:
+        raise ValueError(f"expected a Minkowski depthwise kernel (k*k, C), got {tuple(kernel.shape)}")
+    vol, c = kernel.shape
+    k = _side(vol)
+    return kernel.reshape(k, k, c).permute(2, 1, 0).unsqueeze(1).contiguous()
+
+
+def timm_conv_to_minkowski(weight: torch.Tensor) -> torch.Tensor:
+    """Conv2d weight (Cout, Cin, k, k) -> Minkowski kernel (k*k, Cin, Cout)."""
+    if weight.ndim != 4 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"expected a square Conv2d weight (Cout, Cin, k, k), got {tuple(weight.shape)}")
+    co, ci, k, _ = weight.shape
+    return weight.permute(3, 2, 1, 0).reshape(k * k, ci, co).contiguous()
+
+
+def minkowski_conv_to_timm(kernel: torch.Tensor) -> torch.Tensor:
+    """Minkowski kernel (k*k, Cin, Cout) -> Conv2d weight (Cout, Cin, k, k)."""
+    if kernel.ndim != 3:
+        raise ValueError(f"expected a Minkowski kernel (k*k, Cin, Cout), got {tuple(kernel.shape)}")
+    vol, ci, co = kernel.shape
+    k = _side(vol)
+    return kernel.reshape(k, k, ci, co).permute(3, 2, 1, 0).contiguous()
+
+
+def timm_bias_to_minkowski(bias: torch.Tensor) -> torch.Tensor:
+    """(C,) -> (1, C), the shape of Minkowski convolution biases and sparse GRN parameters."""
+    return bias.reshape(1, -1).contiguous()
+
+
+def minkowski_bias_to_timm(bias: torch.Tensor) -> torch.Tensor:
+    """(1, C) -> (C,)."""
+    return bias.reshape(-1).contiguous()

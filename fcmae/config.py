@@ -1,0 +1,160 @@
+"""Typed run configs: a dataclass schema, YAML files and dotted `key=value` overrides.
+
+A command defines its schema as nested dataclasses (sections) and calls `load_config(Schema, path, overrides)`:
+unknown keys, wrong types and values outside a `Literal[...]` fail with a ValueError naming the dotted key and the
+valid choices; then the schema's own `check()` (if any) rejects impossible combinations. All of this happens before
+any data or GPU work. `save_config` writes the resolved config (every key, defaults included) as YAML.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp` (int, float, bool, str, Literal, Optional, list/tuple, dataclass)."""
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key!r} is a section; give a mapping of its keys, not {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ValueError(f"config key {key!r} = {value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(f"config key {key!r} = {value!r} has the wrong type; expected {_type_name(tp)}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key!r} = {value!r} must be a list ({_type_name(tp)})")
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ValueError(f"config key {key!r} = {value!r} must have {len(args)} items")
+            return [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        item = args[0] if args else Any
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ValueError(f"config key {key!r} = {value!r} has the wrong type; expected {_type_name(tp)}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Build dataclass `cls` from a nested dict; missing keys keep their defaults."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown config key {prefix + unknown[0]!r}; valid keys{' in ' + prefix[:-1] if prefix else ''}: "
+            f"{', '.join(sorted(fields))}"
+        )
+    hints = get_type_hints(cls)
+    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain dicts/lists/scalars (tuples become lists, so YAML and `weights_only` loading both work)."""
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+    return plain(dataclasses.asdict(cfg))
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """["optim.epochs=10", "data.path=/x"] -> {"optim": {"epochs": 10}, "data": {"path": "/x"}}; values are YAML."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like section.key=value (e.g. optim.epochs=10)")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = out
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r} conflicts with an earlier override of {part!r}")
+        node[leaf] = value
+    return out
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; `over` wins."""
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
+    """Schema defaults <- YAML file <- overrides, type-checked, then `cfg.check()` if the schema defines it."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ValueError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
+    data = merge(data, parse_overrides(overrides or []))
+    cfg = from_dict(cls, data)
+    check = getattr(cfg, "check", None)
+    if callable(check):
+        check()
+    return cfg
+
+
+def save_config(cfg: Any, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+

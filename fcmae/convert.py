@@ -1,0 +1,99 @@
+"""`fcmae convert SRC DST`: any ConvNeXt V2 checkpoint -> a timm classifier, a Hugging Face state_dict, or an FCMAE
+checkpoint with a fresh decoder (to continue pretraining from released weights).
+
+The reading, detection and format rules live in `convnextv2.checkpoint`; this module adds the FCMAE side (which
+needs `fcmae.FCMAE`) and the command line.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from convnextv2.checkpoint import (
+    EncoderWeights, load_encoder_weights, read_encoder, save_state_dict, save_torch, timm_classifier_state_dict,
+    write_hf,
+)
+from convnextv2.checkpoint.convert import require_name
+from fcmae.model import FCMAE
+
+FCMAE_VERSION = 1
+
+
+def fcmae_checkpoint(model: FCMAE, model_args: dict[str, Any]) -> dict[str, Any]:
+    """The FCMAE checkpoint dict of CONTRACTS.md without training state (loadable with weights_only=True)."""
+    return {"format": "fcmae", "version": FCMAE_VERSION, "model": model.state_dict(), "model_args": dict(model_args)}
+
+
+def fcmae_from_encoder(weights: EncoderWeights, decoder_dim: int = 512, decoder_depth: int = 1,
+                       mask_ratio: float = 0.6, norm_pix_loss: bool = True) -> tuple[FCMAE, dict[str, Any]]:
+    """An FCMAE whose encoder holds `weights` and whose decoder is fresh -> (model, model_args)."""
+    arch = weights.arch
+    model_args: dict[str, Any] = {
+        "encoder_name": require_name(arch), "in_chans": arch.in_chans, "mask_ratio": mask_ratio,
+        "decoder_dim": decoder_dim, "decoder_depth": decoder_depth, "norm_pix_loss": norm_pix_loss,
+    }
+    if arch.patch_size != 4:  # a non-standard stem stride goes to timm as patch_size
+        model_args["patch_size"] = arch.patch_size
+    model = FCMAE(**model_args)
+    load_encoder_weights(model.encoder, weights)
+    return model, model_args
+
+
+def _parts(keys: list[str]) -> str:
+    return ", ".join(sorted({k.rsplit(".", 1)[0] for k in keys})) or "nothing"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "convert", help="convert a ConvNeXt V2 checkpoint (any format) to timm, Hugging Face or FCMAE",
+        description="Read a ConvNeXt V2 checkpoint in any supported format (this project's FCMAE checkpoints, timm, "
+        "the reference repo's dense / pt_only / MinkowskiEngine files, Hugging Face transformers; .pth/.pt or "
+        ".safetensors), detect its format and size, and write it as a timm classifier (head.norm/head.fc fresh "
+        "unless the source has them; head init scale 0.001), a Hugging Face ConvNextV2 state_dict, or an FCMAE "
+        "checkpoint with a fresh decoder. Files are only read with weights_only=True or safetensors.",
+    )
+    p.add_argument("src", help="checkpoint to read")
+    p.add_argument("dst", help="file to write: .safetensors (recommended for timm/hf), .pth or .pt; for --to hf a "
+                   "path without suffix writes a from_pretrained folder; --to fcmae needs .pt/.pth")
+    p.add_argument("--to", choices=("timm", "hf", "fcmae"), default="timm", help="output format (default timm)")
+    p.add_argument("--model", default=None, help="expected timm name, e.g. convnextv2_tiny (default: inferred)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="classifier outputs (default: the source's classifier, else 1000; 0 = no classifier)")
+    p.add_argument("--decoder-dim", type=int, default=512, help="--to fcmae: decoder width (default 512)")
+    p.add_argument("--decoder-depth", type=int, default=1, help="--to fcmae: decoder blocks (default 1)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    dst = Path(args.dst)
+    if args.to == "fcmae" and dst.suffix not in (".pt", ".pth"):
+        raise ValueError(f"an FCMAE checkpoint is a torch file: name it *.pt or *.pth, not {dst.name}")
+    if args.to == "timm" and dst.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
+        raise ValueError(f"cannot tell the file type of {dst}: name it *.safetensors (recommended), *.pth or *.pt")
+    if args.num_classes is not None and args.num_classes < 0:
+        raise ValueError(f"--num-classes must be >= 0, got {args.num_classes}")
+    weights = read_encoder(args.src, model=args.model)
+    how = "as given by --model" if args.model else "inferred from tensor shapes"
+    print(f"read {args.src}: {weights.describe()} ({how})")
+    for note in weights.notes:
+        print(f"  {note}")
+    name = require_name(weights.arch)
+    if args.to == "fcmae":
+        model, model_args = fcmae_from_encoder(weights, args.decoder_dim, args.decoder_depth)
+        save_torch(fcmae_checkpoint(model, model_args), dst)
+        print(f"wrote {dst}: FCMAE checkpoint {model_args} (decoder fresh, std .02)")
+        return {"weights": weights, "fresh": ["decoder"]}
+    if args.to == "timm":
+        sd, fresh = timm_classifier_state_dict(weights, args.num_classes)
+        save_state_dict(sd, dst)
+        k = int(sd["head.fc.weight"].shape[0]) if "head.fc.weight" in sd else 0
+        print(f"wrote {dst}: timm {name} state_dict, {k} classes; fresh: {_parts(fresh)} (head.fc init scale 0.001)")
+        # timm re-draws head.fc when num_classes differs from the pretrained_cfg's (1000): say it in the overlay.
+        print(f"  load: timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file={str(dst)!r}, "
+              f"num_classes={k}), num_classes={k})")
+    else:
+        fresh = write_hf(weights, dst, args.num_classes)
+        print(f"wrote {dst}: Hugging Face ConvNextV2 state_dict{' + config.json' if not dst.suffix else ''}; "
+              f"fresh: {_parts(fresh)}")
+    return {"weights": weights, "fresh": fresh}

@@ -1,0 +1,100 @@
+"""Config sections every training command shares (pretrain now, finetune later): optimizer, checkpoints, logs,
+and the run-level keys. A command's schema embeds these next to its own `model` and `data` sections."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 800
+    warmup_epochs: float = 40.0
+    blr: float = 1.5e-4  # base lr; lr = blr * effective batch / 256 (unless `lr` is set)
+    lr: Optional[float] = None  # absolute lr; overrides blr
+    min_lr: float = 0.0  # cosine floor
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    accum_steps: int = 1  # gradient accumulation: micro-batches per optimizer step
+    clip_grad: Optional[float] = None  # max grad norm; None = no clipping (SPEC §2)
+
+    def check(self) -> None:
+        if self.epochs < 1:
+            raise ValueError(f"optim.epochs must be >= 1, got {self.epochs}")
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ValueError(f"optim.warmup_epochs must be in [0, optim.epochs={self.epochs}], got {self.warmup_epochs}")
+        if self.blr <= 0 or (self.lr is not None and self.lr <= 0):
+            raise ValueError("optim.blr and optim.lr must be > 0")
+        if self.min_lr < 0 or self.weight_decay < 0:
+            raise ValueError("optim.min_lr and optim.weight_decay must be >= 0")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.accum_steps < 1:
+            raise ValueError(f"optim.accum_steps must be >= 1, got {self.accum_steps}")
+        if self.clip_grad is not None and self.clip_grad <= 0:
+            raise ValueError(f"optim.clip_grad must be > 0 or null, got {self.clip_grad}")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000  # write `last.pt` every N optimizer steps (and at the end of every epoch)
+    keep_every_epochs: int = 50  # also keep `checkpoint-epoch{N}.pt` every N epochs (0 = never)
+
+    def check(self) -> None:
+        if self.every_steps < 1 or self.keep_every_epochs < 0:
+            raise ValueError("checkpoint.every_steps must be >= 1 and checkpoint.keep_every_epochs >= 0")
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 20  # a metrics.jsonl / TensorBoard row every N optimizer steps
+    progress: bool = True  # tqdm progress bar on rank 0
+    tensorboard: bool = True
+    vis_every_epochs: int = 20  # reconstruction grid PNG every N epochs (and after the last); 0 = never
+    vis_images: int = 8  # images in the grid
+
+    def check(self) -> None:
+        if self.every_steps < 1 or self.vis_every_epochs < 0 or self.vis_images < 1:
+            raise ValueError("log.every_steps >= 1, log.vis_every_epochs >= 0 and log.vis_images >= 1 are required")
+
+
+@dataclass
+class RunConfig:
+    """Run-level keys; a command's schema inherits these and adds its sections."""
+    output_dir: str = "runs/pretrain"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    resume: Optional[str] = None  # None: resume from {output_dir}/last.pt if it exists; else this checkpoint file
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    compile: bool = False  # torch.compile the model
+    channels_last: bool = False
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def check(self) -> None:
+        if not self.output_dir:
+            raise ValueError("output_dir must be set (the run directory)")
+        if self.resume is not None and not os.path.isfile(self.resume):
+            raise ValueError(f"resume={self.resume!r} is not a file; give a checkpoint path or leave resume unset")
+        self.optim.check()
+        self.checkpoint.check()
+        self.log.check()
+
+
+def world_size_from_env() -> int:
+    """WORLD_SIZE as torchrun / Slurm+submitit set it (1 when absent), read without touching torch.distributed."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_global_batch(batch_size: int, accum_steps: int, world_size: int, key: str = "data.batch_size") -> int:
+    """The per-process micro-batch for a GLOBAL batch split over `world_size` processes and `accum_steps`."""
+    if batch_size < world_size:
+        raise ValueError(f"{key}={batch_size} (global) is smaller than the {world_size} processes; use >= {world_size}")
+    if batch_size % (world_size * accum_steps):
+        raise ValueError(
+            f"{key}={batch_size} (global) must be divisible by processes x optim.accum_steps = "
+            f"{world_size} x {accum_steps} = {world_size * accum_steps}"
+        )
+    return batch_size // (world_size * accum_steps)

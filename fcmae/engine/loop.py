@@ -1,0 +1,204 @@
+"""The training loop shared by pretraining and fine-tuning.
+
+The task (FCMAE pretraining, classification fine-tuning) plugs in through `Task`: its model, its param groups, its
+data for an epoch, and its loss for one micro-batch. The loop owns everything generic: device and DDP, AMP,
+gradient accumulation, the per-step lr schedule, non-finite loss detection, atomic checkpoints with automatic
+resume, metrics, TensorBoard and the progress bar.
+
+Determinism (what makes a resumed run equal an uninterrupted one): the task derives every random choice from
+(seed, epoch, micro-batch index) - data order, augmentation, masks - so resuming only needs the counters saved in
+the checkpoint, and consumed micro-batches are skipped rather than replayed.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Protocol
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from fcmae.config import save_config, to_dict
+from fcmae.engine import checkpoint as ckpt_io
+from fcmae.engine.config import RunConfig
+from fcmae.engine.distributed import DistInfo, all_reduce_sum
+from fcmae.engine.metrics import MetricsLogger, format_eta, progress_bar
+from fcmae.engine.optim import build_adamw, cosine_lr, scaled_lr, set_lr
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN/inf; training stopped before the optimizer step, the last checkpoint is untouched."""
+
+
+class Task(Protocol):
+    model: nn.Module  # the raw module whose state_dict is saved
+    global_batch: int  # samples per optimizer step over all processes
+    steps_per_epoch: int  # optimizer steps per epoch
+
+    def param_groups(self, weight_decay: float) -> list[dict]: ...
+    def batches(self, epoch: int, skip_micro: int) -> Iterable[Any]:
+        """This process's micro-batches of `epoch`, the first `skip_micro` left out (a resumed epoch)."""
+    def loss(self, model: nn.Module, batch: Any, epoch: int, micro: int) -> torch.Tensor:
+        """Scalar loss of one micro-batch; `model` may be the DDP/compiled wrapper; `micro` counts within the epoch."""
+    def skipped(self, batch: Any) -> int:
+        """Unreadable images replaced in this micro-batch (reported as `skipped`)."""
+    def checkpoint_header(self) -> dict[str, Any]:
+        """Entries that identify the model in a checkpoint (format, version, model_args)."""
+    def end_of_epoch(self, epoch: int, last: bool) -> dict[str, Any]:
+        """Rank 0 only, after each epoch: e.g. write pictures; returns extra metrics."""
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # epoch in progress
+    epoch_step: int = 0  # optimizer steps done in that epoch
+    step: int = 0  # optimizer steps done in total
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """None = fp32. auto: bf16 autocast on CUDA, fp32 on CPU."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[amp]
+
+
+def save_checkpoint(path: str, task: Task, optimizer, scaler, progress: Progress, cfg: RunConfig,
+                    device: torch.device) -> None:
+    state = {
+        **task.checkpoint_header(),
+        "model": task.model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": progress.epoch,
+        "epoch_step": progress.epoch_step,
+        "step": progress.step,
+        "rng": {**ckpt_io.rng_state(device), "seed": torch.tensor(cfg.seed)},
+        "config": to_dict(cfg),
+    }
+    ckpt_io.save_atomic(state, path)
+
+
+def train(cfg: RunConfig, task: Task, info: DistInfo,
+          on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+    """Train `task` for cfg.optim.epochs, resuming from {output_dir}/last.pt (or cfg.resume) when present.
+
+    on_loss(step, loss) -> loss: a test hook called on every micro-batch loss (inject NaN, raise to simulate a kill).
+    Returns a summary: final step/epoch, last epoch's mean loss, skipped images.
+    """
+    o, out = cfg.optim, cfg.output_dir
+    device, main = info.device, info.is_main
+    if main:
+        os.makedirs(out, exist_ok=True)
+        ckpt_io.remove_stale_temps(out)  # a checkpoint being written when a process died is never resumed from
+        save_config(cfg, os.path.join(out, "config.yaml"))
+
+    model = task.model.to(device)
+    if cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    base_lr = o.lr if o.lr is not None else scaled_lr(o.blr, task.global_batch)
+    optimizer = build_adamw(task.param_groups(o.weight_decay), base_lr, o.betas)
+    dtype = amp_dtype(cfg.amp, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    progress = Progress()
+    path = ckpt_io.resume_path(out, cfg.resume)
+    if path:
+        state = ckpt_io.load_checkpoint(path)
+        task.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        progress = Progress(state["epoch"], state.get("epoch_step", 0), state["step"])
+        if main and "rng" in state:  # only rank 0's state is saved; others keep their per-rank seeds
+            ckpt_io.set_rng_state(state["rng"], device)
+        if main:
+            print(f"resumed from {path}: epoch {progress.epoch}, step {progress.step}", flush=True)
+
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if info.distributed else model
+    forward_model = torch.compile(ddp) if cfg.compile else ddp
+    logger = MetricsLogger(out, enabled=main, tensorboard=cfg.log.tensorboard)
+    accum, spe = o.accum_steps, task.steps_per_epoch
+    total_steps, warmup_steps = o.epochs * spe, round(o.warmup_epochs * spe)
+    summary: dict[str, Any] = {"skipped": 0}
+    lr = cosine_lr(progress.step, total_steps, warmup_steps, base_lr, o.min_lr)
+    run_t0, run_steps0 = time.time(), progress.step
+    model.train()
+    try:
+        while progress.epoch < o.epochs:
+            epoch = progress.epoch
+            batches = iter(task.batches(epoch, progress.epoch_step * accum))
+            bar = progress_bar(spe, progress.epoch_step, f"epoch {epoch + 1}/{o.epochs}", main and cfg.log.progress)
+            epoch_t0, epoch_loss, epoch_steps, epoch_skipped = time.time(), 0.0, 0, 0
+            while progress.epoch_step < spe:
+                step_t0 = time.time()
+                lr = cosine_lr(progress.step, total_steps, warmup_steps, base_lr, o.min_lr)
+                set_lr(optimizer, lr)
+                stats = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum over micro-batches, skipped
+                for a in range(accum):
+                    micro = progress.epoch_step * accum + a
+                    batch = next(batches)
+                    sync = a == accum - 1 or not info.distributed
+                    with contextlib.nullcontext() if sync else ddp.no_sync():
+                        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                            loss = task.loss(forward_model, batch, epoch, micro)
+                        if on_loss is not None:
+                            loss = on_loss(progress.step, loss)
+                        scaler.scale(loss / accum).backward()
+                    stats[0] += loss.detach().double()
+                    stats[1] += task.skipped(batch)
+                stats = all_reduce_sum(stats, info)  # every process sees the same numbers, so all stop together
+                step_loss = stats[0].item() / (accum * info.world_size)
+                if not math.isfinite(step_loss):
+                    raise NonFiniteLossError(
+                        f"loss is {step_loss} at epoch {epoch + 1}, step {progress.step}; stopped before the optimizer "
+                        f"step, checkpoints in {out} are untouched (last good: {os.path.join(out, ckpt_io.LAST)}). "
+                        "Lower optim.blr, raise optim.warmup_epochs or set optim.clip_grad, then rerun to resume."
+                    )
+                if o.clip_grad is not None:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                progress.step += 1
+                progress.epoch_step += 1
+                skipped = int(stats[1].item())
+                epoch_loss, epoch_steps, epoch_skipped = epoch_loss + step_loss, epoch_steps + 1, epoch_skipped + skipped
+                ips = task.global_batch / max(time.time() - step_t0, 1e-9)
+                if main:
+                    eta = (time.time() - run_t0) / (progress.step - run_steps0) * (total_steps - progress.step)
+                    bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", eta=format_eta(eta))
+                    bar.update(1)
+                    if progress.step % cfg.log.every_steps == 0:
+                        logger.log("step", progress.step, epoch=epoch, loss=step_loss, lr=lr, img_per_s=ips,
+                                   skipped=skipped)
+                    if progress.step % cfg.checkpoint.every_steps == 0 and progress.epoch_step < spe:
+                        save_checkpoint(os.path.join(out, ckpt_io.LAST), task, optimizer, scaler, progress, cfg, device)
+            bar.close()
+            progress.epoch, progress.epoch_step = epoch + 1, 0
+            last = progress.epoch == o.epochs
+            summary.update(epoch=progress.epoch, step=progress.step, loss=epoch_loss / max(1, epoch_steps))
+            summary["skipped"] += epoch_skipped
+            if main:
+                save_checkpoint(os.path.join(out, ckpt_io.LAST), task, optimizer, scaler, progress, cfg, device)
+                keep = cfg.checkpoint.keep_every_epochs
+                if keep and (progress.epoch % keep == 0 or last):
+                    save_checkpoint(os.path.join(out, f"checkpoint-epoch{progress.epoch}.pt"), task, optimizer,
+                                    scaler, progress, cfg, device)
+                extra = task.end_of_epoch(epoch, last)
+                dt = time.time() - epoch_t0
+                logger.log("epoch", progress.step, epoch=progress.epoch, loss=summary["loss"], lr=lr,
+                           img_per_s=epoch_steps * task.global_batch / dt, skipped=epoch_skipped, seconds=dt, **extra)
+                print(f"epoch {progress.epoch}/{o.epochs}  loss {summary['loss']:.4f}  lr {lr:.2e}  "
+                      f"{epoch_steps * task.global_batch / dt:.0f} img/s  skipped {epoch_skipped}  ({dt:.1f}s)",
+                      flush=True)
+    finally:
+        logger.close()
+    summary.setdefault("step", progress.step)
+    summary.setdefault("epoch", progress.epoch)
+    return summary

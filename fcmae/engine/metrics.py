@@ -1,0 +1,49 @@
+"""Rank-0 outputs: metrics.jsonl rows, TensorBoard scalars, and the tqdm progress bar."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from tqdm import tqdm
+
+
+class MetricsLogger:
+    """Appends one JSON object per line to {output_dir}/metrics.jsonl and mirrors numbers to TensorBoard (tb/).
+
+    Rows carry `kind`: "step" (every log.every_steps optimizer steps) or "epoch" (end of each epoch).
+    Disabled (no files) on ranks other than 0.
+    """
+
+    def __init__(self, output_dir: str, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = os.path.join(output_dir, "metrics.jsonl")
+        self.tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # imported lazily: slow, and only rank 0 needs it
+            self.tb = SummaryWriter(os.path.join(output_dir, "tb"))
+
+    def log(self, kind: str, step: int, **values: Any) -> None:
+        if not self.enabled:
+            return
+        row = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def progress_bar(total: int, initial: int, desc: str, enabled: bool) -> tqdm:
+    return tqdm(total=total, initial=initial, desc=desc, disable=not enabled, dynamic_ncols=True, leave=False)
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,54 @@
+"""AdamW with weight-decay exclusions, and the per-iteration warmup + cosine learning rate."""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+def param_groups(
+    model: nn.Module, weight_decay: float, no_decay_names: Iterable[str] = (), lr_scales: dict[str, float] | None = None,
+) -> list[dict]:
+    """Two groups (or more with per-parameter `lr_scales`, e.g. layer decay): no weight decay for biases, every
+    1-D parameter (norms, GRN gamma/beta) and names in `no_decay_names` (e.g. the mask token); frozen params dropped.
+
+    Each group carries `lr_scale` (1.0 unless given), which `set_lr` multiplies into the scheduled lr.
+    """
+    skip = set(no_decay_names)
+    groups: dict[tuple[float, float], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or name in skip
+        wd = 0.0 if no_decay else weight_decay
+        scale = (lr_scales or {}).get(name, 1.0)
+        group = groups.setdefault((wd, scale), {"params": [], "param_names": [], "weight_decay": wd, "lr_scale": scale})
+        group["params"].append(p)
+        group["param_names"].append(name)
+    return list(groups.values())
+
+
+def build_adamw(groups: list[dict], lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    # param_names stays out of the optimizer (its state_dict must hold only tensors and plain values)
+    clean = [{k: v for k, v in g.items() if k != "param_names"} for g in groups]
+    return torch.optim.AdamW(clean, lr=lr, betas=tuple(betas))
+
+
+def scaled_lr(blr: float, effective_batch: int) -> float:
+    """lr = blr * effective batch / 256 (SPEC §2; effective batch = global batch per optimizer step)."""
+    return blr * effective_batch / 256
+
+
+def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr: float = 0.0) -> float:
+    """Linear warmup from 0 over `warmup_steps`, then half-cosine from base_lr to min_lr at `total_steps` (per step)."""
+    if step < warmup_steps:
+        return base_lr * step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
