@@ -5,7 +5,8 @@ shapes and the same resident memory), the same batch and the same masks, interle
 so drift on a shared machine hits them alike. `dense` is the yardstick: timm's own `forward_features` on the unmasked
 image (every position computed), followed by the same decoder and masked-patch loss.
 
-Reported per backend: median step time and img/s, peak memory (CUDA: torch.cuda.max_memory_allocated over its steps;
+Reported per backend: median step time and img/s, median CPU seconds of this process per step (robust to other
+jobs on a shared CPU when run with --threads 1), peak memory (CUDA: torch.cuda.max_memory_allocated over its steps;
 n/a on CPU), ratio of img/s to `masked`, and on CUDA the model FLOP utilisation: useful FLOPs (the dense encoder's
 FLOPs scaled by the visible fraction, plus the decoder's, forward and backward, counted by
 torch.utils.flop_counter) / step time / the measured throughput of a large matmul in the step's dtype.
@@ -54,6 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fp32, or bf16 autocast (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile each backend's loss function")
     p.add_argument("--channels-last", action="store_true", help="model and images in channels_last memory format")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -128,6 +130,8 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 8192, reps: i
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     backends, device, dtype = check_args(args)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     model = FCMAE(args.model, mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim).to(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -148,16 +152,16 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     if args.compile:
         fns = {b: torch.compile(fn) for b, fn in fns.items()}
 
-    def step(backend: str, mask: torch.Tensor) -> float:
+    def step(backend: str, mask: torch.Tensor) -> tuple[float, float]:
         sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with autocast():
             loss = fns[backend](imgs, mask)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sync(device)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     print(f"fcmae bench  {datetime.date.today()}  torch {torch.__version__}  "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}"
@@ -165,6 +169,8 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     print(f"model {args.model}  batch {n}  image {size}px  mask ratio {args.mask_ratio}  {dtype}  "
           f"compile {args.compile}  channels_last {args.channels_last}  warmup {args.warmup}  steps {args.steps}")
     times: dict[str, list[float]] = {b: [] for b in backends}
+    cpu_times: dict[str, list[float]] = {b: [] for b in backends}  # CPU seconds of this process: on a shared CPU,
+    # less sensitive than wall time to other jobs (with 1 thread it is the step's own compute time)
     peak: dict[str, int] = {b: 0 for b in backends}
     for i in range(args.warmup):  # interleaved warm-up (compiles, allocator, caches)
         for b in backends:
@@ -173,7 +179,9 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         for b in backends:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            times[b].append(step(b, masks[i]))
+            wall, cpu = step(b, masks[i])
+            times[b].append(wall)
+            cpu_times[b].append(cpu)
             if device.type == "cuda":
                 peak[b] = max(peak[b], torch.cuda.max_memory_allocated(device))
 
@@ -186,18 +194,21 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     results: dict[str, dict[str, float]] = {}
     for b in backends:
         med = statistics.median(times[b])
-        results[b] = {"step_s": med, "img_s": n / med, "min_s": min(times[b]), "max_s": max(times[b])}
+        results[b] = {"step_s": med, "img_s": n / med, "min_s": min(times[b]), "max_s": max(times[b]),
+                      "cpu_s": statistics.median(cpu_times[b])}
         if device.type == "cuda":
             results[b]["peak_mem_gib"] = peak[b] / 2 ** 30
             results[b]["mfu"] = flops / med / peak_flops
     ref = results.get("masked")
     print(f"{'backend':<8} {'img/s':>8} {'step ms (min-max)':>24} {'peak mem':>10} {'x masked':>9} "
-          f"{'mem x masked':>13} {'MFU':>6}")
+          f"{'mem x masked':>13} {'MFU':>6} {'cpu s/step':>11} {'cpu x masked':>13}")
     for b, r in results.items():
         mem = f"{r['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in r else "n/a"
         ratio = f"{r['img_s'] / ref['img_s']:.2f}" if ref else "-"
         mem_ratio = f"{r['peak_mem_gib'] / ref['peak_mem_gib']:.2f}" if ref and "peak_mem_gib" in r else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
         span = f"{1e3 * r['step_s']:.0f} ({1e3 * r['min_s']:.0f}-{1e3 * r['max_s']:.0f})"
-        print(f"{b:<8} {r['img_s']:>8.2f} {span:>24} {mem:>10} {ratio:>9} {mem_ratio:>13} {mfu:>6}")
+        cpu_ratio = f"{ref['cpu_s'] / r['cpu_s']:.2f}" if ref else "-"
+        print(f"{b:<8} {r['img_s']:>8.2f} {span:>24} {mem:>10} {ratio:>9} {mem_ratio:>13} {mfu:>6} "
+              f"{r['cpu_s']:>11.2f} {cpu_ratio:>13}")
     return results
