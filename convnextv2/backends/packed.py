@@ -140,12 +140,13 @@ def packed_block(block: ConvNeXtBlock, x: torch.Tensor, index: torch.Tensor, sha
     x = mlp.drop2(linear(mlp.fc2, grn(mlp.grn, x)))
     if block.gamma is not None:
         x = x * block.gamma
-    return block.drop_path(x) + shortcut
+    return block.drop_path(x) + shortcut  # ConvNeXt V2 blocks keep their width: timm's shortcut is Identity
 
 
 @register_backend("packed")
 def packed_forward(encoder: ConvNeXt, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    n, _, height, width = x.shape
+    """x (N, in_chans, H, W), mask (N, H/p, W/p) 1 = masked -> (N, C_last, H/p, W/p), zero at masked patches."""
+    n, c_in, height, _ = x.shape
     h, w = mask.shape[-2:]
     p = height // h
     vis = visible_patches(mask)  # (N, V)
@@ -154,10 +155,10 @@ def packed_forward(encoder: ConvNeXt, x: torch.Tensor, mask: torch.Tensor) -> to
         return x.new_zeros(n, encoder.num_features, h, w)
 
     # Stem on the visible image patches only: (N, V, p, p, C_in) gathered straight from x (any memory format).
-    pix = x.permute(0, 2, 3, 1).reshape(n, h, p, w, p, x.shape[1])
+    pix = x.permute(0, 2, 3, 1).reshape(n, h, p, w, p, c_in)
     batch = torch.arange(n, device=x.device)[:, None].expand(n, v)
     pix = pix[batch, vis // w, :, vis % w]  # advanced indices first: (N, V, p, p, C_in)
-    t = patch_conv(encoder.stem[0], pix.reshape(n * v, p, p, x.shape[1]))  # (N*V, r, r, C)
+    t = patch_conv(encoder.stem[0], pix.reshape(n * v, p, p, c_in))  # (N*V, r, r, C)
     t = layer_norm(encoder.stem[1], t)
     r = t.shape[1]
 
@@ -174,5 +175,4 @@ def packed_forward(encoder: ConvNeXt, x: torch.Tensor, mask: torch.Tensor) -> to
             t = tokens.reshape(n * v, r, r, -1)
 
     # Densify: (N, C_last, H/p, W/p), zero at masked patches, whatever the last stage's r (1 with the standard stem).
-    out = to_grid(t.reshape(n, v * r * r, -1), token_index(vis, (h, w), r), (n, h * r, w * r))
-    return out
+    return to_grid(t.reshape(n, v * r * r, -1), token_index(vis, (h, w), r), (n, h * r, w * r))
