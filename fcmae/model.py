@@ -63,7 +63,7 @@ class FCMAE(nn.Module):
         decoder_dim: int = 512,
         decoder_depth: int = 1,
         norm_pix_loss: bool = True,
-        backend: str = "masked",
+        backend: str = "packed",
         **encoder_kwargs,
     ):
         super().__init__()

@@ -14,7 +14,7 @@ PATCH = 32  # mask patch side of the standard ConvNeXt V2 (total stride)
 @dataclass
 class ModelConfig:
     name: str = "convnextv2_atto"
-    backend: str = "masked"
+    backend: str = "packed"
     in_chans: int = 3
     mask_ratio: float = 0.6
     decoder_dim: int = 512

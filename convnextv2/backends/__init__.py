@@ -34,4 +34,5 @@ def get_backend(name: str) -> Backend:
 
 # Importing a backend module registers it.
 from convnextv2.backends import masked  # noqa: E402,F401
+from convnextv2.backends import packed  # noqa: E402,F401
 from convnextv2.backends import minkowski  # noqa: E402,F401  (imports MinkowskiEngine lazily, at the first call)

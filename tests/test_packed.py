@@ -1,0 +1,115 @@
+"""The `packed` backend against the `masked` oracle: outputs, loss and gradients in fp32, bf16 autocast, errors."""
+import copy
+
+import pytest
+import torch
+
+from conftest import randomize_grn, rel_err
+from convnextv2 import SparseEncoder, create_encoder
+from fcmae import FCMAE
+from fcmae.masking import random_mask
+
+# Both MLP flavours of timm's ConvNeXt V2: 1x1 convs + LayerNorm2d (atto..nano) and nn.Linear + LayerNorm (tiny+).
+# The Linear one is a tiny-structured model made small (timm's convnextv2_tiny builder with fewer, narrower blocks).
+SMALL_TINY = dict(depths=(1, 1, 2, 1), dims=(32, 64, 96, 128))
+MODELS = {
+    "atto": ("convnextv2_atto", {}),
+    "nano": ("convnextv2_nano", {}),
+    "tiny-structured": ("convnextv2_tiny", SMALL_TINY),
+}
+
+
+@pytest.mark.parametrize("model,in_chans,batch,size", [
+    ("atto", 3, 3, (96, 160)),
+    ("atto", 1, 1, (64, 96)),
+    ("atto", 4, 2, (128, 64)),
+    ("nano", 3, 2, (96, 64)),
+    ("tiny-structured", 3, 3, (64, 128)),
+    ("tiny-structured", 4, 1, (96, 96)),
+])
+def test_encoder_matches_masked(model, in_chans, batch, size):
+    name, kwargs = MODELS[model]
+    enc = randomize_grn(create_encoder(name, in_chans=in_chans, **kwargs)).eval()
+    grid = (size[0] // 32, size[1] // 32)
+    x = torch.randn(batch, in_chans, *size)
+    mask = random_mask(batch, grid, 0.6)
+    with torch.no_grad():
+        ref = SparseEncoder(enc, "masked")(x, mask)
+        ours = SparseEncoder(enc, "packed")(x, mask)
+        ours_cl = SparseEncoder(enc, "packed")(x.to(memory_format=torch.channels_last), mask)
+    assert ours.shape == ref.shape == (batch, enc.num_features, *grid)
+    assert (ours * mask.unsqueeze(1)).abs().max() == 0, "masked positions must be zero"
+    assert ref.abs().max() > 0
+    assert rel_err(ours, ref) <= 1e-5
+    assert rel_err(ours_cl, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("model,in_chans", [("atto", 1), ("nano", 3), ("tiny-structured", 4)])
+def test_loss_and_grads_match_masked(model, in_chans):
+    name, kwargs = MODELS[model]
+    ref = randomize_grn(FCMAE(name, in_chans=in_chans, decoder_dim=64, backend="masked", **kwargs))
+    ours = copy.deepcopy(ref)
+    ours.backend = "packed"
+    imgs = torch.randn(2, in_chans, 96, 128)
+    mask = ref.random_mask(imgs)
+    loss_ref, pred_ref, _ = ref(imgs, mask)
+    loss, pred, _ = ours(imgs, mask)
+    loss_ref.backward()
+    loss.backward()
+    assert abs(loss.item() - loss_ref.item()) <= 1e-5 * abs(loss_ref.item())
+    assert rel_err(pred, pred_ref) <= 1e-5
+    grads = dict(ours.named_parameters())
+    checked = 0
+    for pname, p_ref in ref.named_parameters():
+        if p_ref.grad is None:
+            assert not p_ref.requires_grad, pname  # only the frozen, unused head norm has no gradient
+            continue
+        assert p_ref.grad.abs().max() > 0, pname
+        assert rel_err(grads[pname].grad, p_ref.grad) <= 1e-4, pname
+        checked += 1
+    assert checked == sum(p.requires_grad for p in ref.parameters())
+
+
+def test_batch_independent_per_sample_grn():
+    # SPEC §5.1: GRN pools per sample; a sample's features must not depend on the rest of the batch.
+    enc = randomize_grn(create_encoder("convnextv2_atto")).eval()
+    sparse = SparseEncoder(enc, "packed")
+    x = torch.randn(4, 3, 64, 96)
+    mask = random_mask(4, (2, 3), 0.5)
+    with torch.no_grad():
+        batched = sparse(x, mask)
+        single = torch.cat([sparse(x[i:i + 1], mask[i:i + 1]) for i in range(4)])
+    assert rel_err(batched, single) <= 1e-5
+
+
+def test_bf16_autocast_forward_backward():
+    model = randomize_grn(FCMAE("convnextv2_atto", decoder_dim=64))
+    imgs = torch.randn(2, 3, 64, 96).to(memory_format=torch.channels_last)
+    mask = model.random_mask(imgs)
+    with torch.no_grad():
+        loss_fp32, _, _ = model(imgs, mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, pred, _ = model(imgs, mask)
+    assert pred.dtype == torch.bfloat16  # autocast really ran the convs / linears in bf16
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert abs(loss.item() - loss_fp32.item()) <= 0.05 * loss_fp32.item()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum() for g in grads) > 0
+
+
+def test_nothing_visible_gives_zeros():
+    enc = create_encoder("convnextv2_atto").eval()
+    with torch.no_grad():
+        out = SparseEncoder(enc, "packed")(torch.randn(2, 3, 64, 64), torch.ones(2, 2, 2))
+    assert out.shape == (2, 320, 2, 2) and out.abs().max() == 0
+
+
+def test_unequal_visible_counts_raise():
+    sparse = SparseEncoder(create_encoder("convnextv2_atto"), "packed")
+    mask = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[1.0, 1.0], [0.0, 0.0]]])  # 3 and 2 visible
+    with pytest.raises(ValueError, match="same number of visible patches.*between 2 and 3"):
+        sparse(torch.randn(2, 3, 64, 64), mask)
+    with pytest.raises(ValueError, match="binary mask"):
+        sparse(torch.randn(1, 3, 64, 64), torch.full((1, 2, 2), 0.5))
