@@ -73,6 +73,8 @@ def test_backend_matches_masked(other, case):
 
 
 def test_sample_without_visible_patch(other):
+    if other == "packed":
+        pytest.skip("packed needs equal visible counts per sample (tests/test_packed.py checks its ValueError)")
     # One sample fully masked beside one with a single visible patch: zeros for the first, masked's values for both.
     enc = randomize(create_encoder("convnextv2_atto")).eval()
     x = torch.randn(2, 3, 64, 64)
