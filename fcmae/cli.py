@@ -5,10 +5,10 @@ import argparse
 import sys
 from importlib.metadata import entry_points
 
-from fcmae import convert, demo, pretrain, visualize
+from fcmae import convert, demo, evaluate, finetune, pretrain, visualize
 from fcmae.data import write_shards
 
-COMMANDS = [pretrain, convert, visualize, write_shards, demo]
+COMMANDS = [pretrain, finetune, evaluate, convert, visualize, write_shards, demo]
 
 
 def plugin_commands() -> list:
