@@ -76,6 +76,10 @@ class ImageData:
                 else:
                     files, labels = list_images(cfg.path), None
                 self.dataset = ImageFiles(files, tf, in_chans, labels, seed)
+            if cfg.num_samples is not None and cfg.num_samples < len(self.dataset):  # the first N (quick runs)
+                from fcmae.data.labeled import subset
+
+                self.dataset = subset(self.dataset, list(range(cfg.num_samples)))
             self.num_samples = len(self.dataset) // info.world_size * info.world_size
         self.steps_per_epoch = self.num_samples // (global_micro * accum)
         if self.steps_per_epoch < 1:
