@@ -142,3 +142,29 @@ def test_bad_inputs(data, tmp_path):
         finetune(config(str(tmp_path / "c"), f"data.path={data}", f"model.init={femto}"))
     assert main(["finetune", f"data.path={data}", "model.init=/nope.pt"]) == 2
     assert not os.path.exists(tmp_path / "c" / "last.pt")
+
+
+# SPEC §3, written out: size -> (blr, wd, layer decay, scheme, epochs, warmup, drop path, mixup, cutmix, smoothing)
+RECIPES = {
+    "atto": (2e-4, 0.3, 0.9, "single", 600, 0, 0.1, 0, 0, 0.2),
+    "femto": (2e-4, 0.05, 0.9, "single", 600, 0, 0.0, 0.3, 0.3, 0.2),
+    "pico": (2e-4, 0.3, 0.9, "single", 600, 0, 0.0, 0.3, 0.3, 0.2),
+    "nano": (2e-4, 0.3, 0.9, "single", 600, 0, 0.1, 0.5, 0.5, 0.2),
+    "tiny": (8e-4, 0.05, 0.9, "single", 300, 40, 0.2, 0.8, 1.0, 0.1),
+    "base": (6.25e-4, 0.05, 0.6, "group", 100, 20, 0.1, 0.8, 1.0, 0.1),
+    "large": (6.25e-4, 0.05, 0.6, "group", 100, 20, 0.2, 0.8, 1.0, 0.1),
+    "huge": (1.25e-3, 0.05, 0.75, "single", 50, 10, 0.3, 0.8, 1.0, 0.1),
+}
+
+
+@pytest.mark.parametrize("size", sorted(RECIPES))
+def test_recipes_match_spec(size):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    c = load_config(FinetuneConfig, os.path.join(root, "configs", "finetune", f"{size}.yaml"), ["data.path=/d"])
+    o, a, d = c.optim, c.aug, c.data
+    got = (o.blr, o.weight_decay, o.layer_decay, o.layer_decay_scheme, o.epochs, o.warmup_epochs, c.model.drop_path,
+           a.mixup, a.cutmix, a.smoothing)
+    assert got == RECIPES[size]
+    assert c.model.name == f"convnextv2_{size}" and d.batch_size * o.accum_steps == 1024
+    assert tuple(o.betas) == (0.9, 0.999) and d.auto_augment == "rand-m9-mstd0.5-inc1" and d.reprob == 0.25
+    assert c.model.head_init_scale == 0.001 and c.ema.decay == 0.9999 and d.crop_pct == 0.875
