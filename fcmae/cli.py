@@ -5,10 +5,10 @@ import argparse
 import sys
 from importlib.metadata import entry_points
 
-from fcmae import bench, convert, demo, pretrain, visualize
+from fcmae import bench, convert, demo, evaluate, finetune, pretrain, visualize
 from fcmae.data import write_shards
 
-COMMANDS = [pretrain, convert, visualize, write_shards, demo, bench]
+COMMANDS = [pretrain, finetune, evaluate, convert, visualize, write_shards, demo, bench]
 
 
 def plugin_commands() -> list:

@@ -1,7 +1,13 @@
-"""Optimizer parameter groups for fine-tuning: layer-wise lr decay (SPEC §3) and weight-decay exclusions."""
+"""Layer-wise lr decay for fine-tuning (SPEC §3): per-parameter lr scales for `fcmae.engine.optim.param_groups`.
+
+The weight-decay rule (none on biases and 1-D params, which includes GRN weight/bias in timm) lives in the engine;
+this module only says how much smaller each parameter's lr is than the head's.
+"""
 from __future__ import annotations
 
 from torch import nn
+
+from fcmae.engine.optim import param_groups as engine_param_groups
 
 SCHEMES = ("single", "group")
 
@@ -40,18 +46,8 @@ def num_layer_ids(depths: tuple[int, ...], scheme: str) -> int:
     return sum(depths) + 1 if scheme == "single" else 13
 
 
-def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases, every 1-D parameter (norms, GRN weight/bias in timm) and GRN params of any shape get no weight decay."""
-    return param.ndim <= 1 or name.endswith(".bias") or ".grn." in name or name.endswith("mask_token")
-
-
-def param_groups(
-    model: nn.Module, weight_decay: float, layer_decay: float = 1.0, scheme: str = "single"
-) -> list[dict]:
-    """Groups for torch.optim: one per (layer id, decay or not), each with `lr_scale` (timm's schedulers apply it).
-
-    `model` is a timm ConvNeXt. With layer_decay == 1 every scale is 1 and only the weight-decay split remains.
-    """
+def layer_scales(model: nn.Module, layer_decay: float, scheme: str = "single") -> dict[str, float]:
+    """{parameter name: lr scale} for a timm ConvNeXt; scale = layer_decay ** (top id - layer id)."""
     if scheme not in SCHEMES:
         raise ValueError(f"unknown layer decay scheme {scheme!r}; valid: {', '.join(SCHEMES)}")
     if not 0 < layer_decay <= 1:
@@ -60,16 +56,9 @@ def param_groups(
     if scheme == "group" and len(depths) != 4:
         raise ValueError("the 'group' layer decay scheme needs a 4-stage ConvNeXt")
     top = num_layer_ids(depths, scheme)
-    groups: dict[tuple[int, bool], dict] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        lid = layer_id(name, depths, scheme)
-        skip_wd = no_weight_decay(name, p)
-        group = groups.setdefault((lid, skip_wd), {
-            "params": [], "param_names": [], "weight_decay": 0.0 if skip_wd else weight_decay,
-            "lr_scale": layer_decay ** (top - lid), "layer_id": lid,
-        })
-        group["params"].append(p)
-        group["param_names"].append(name)
-    return [groups[k] for k in sorted(groups)]
+    return {name: layer_decay ** (top - layer_id(name, depths, scheme)) for name, _ in model.named_parameters()}
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0, scheme: str = "single") -> list[dict]:
+    """The engine's weight-decay groups, split further by layer-decay lr scale (`lr_scale` per group)."""
+    return engine_param_groups(model, weight_decay, lr_scales=layer_scales(model, layer_decay, scheme))

@@ -46,7 +46,7 @@ class DataConfig:
     mean: Optional[list[float]] = None  # None: ImageNet for 3 channels, else 0.449 per channel
     std: Optional[list[float]] = None  # None: ImageNet for 3 channels, else 0.226 per channel
     shuffle_buffer: int = 2000  # webdataset: samples in the shuffle buffer per worker
-    num_samples: Optional[int] = None  # samples per epoch (shards: default from their sizes.json; folders: all)
+    num_samples: Optional[int] = None  # webdataset: samples per epoch (default: from sizes.json); else: use only the first N images
 
     def check(self) -> None:
         if self.format != "digits" and not self.path:

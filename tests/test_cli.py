@@ -1,5 +1,9 @@
+import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 from fcmae.cli import main
 
@@ -12,10 +16,21 @@ def test_help_lists_commands(capsys):
     assert "demo" in capsys.readouterr().out
 
 
-def test_demo_loss_falls(tmp_path):
+def test_demo_quick_prints_table(tmp_path):
+    """The whole demo story in its reduced mode: pretrain, convert, fine-tune twice, the comparison table."""
     out = subprocess.run(
-        [sys.executable, "-m", "fcmae", "demo", "--epochs", "2", "--size", "64", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, check=True,
+        [sys.executable, "-m", "fcmae", "demo", "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, check=True,
     ).stdout
-    losses = [float(line.split("loss")[1].split()[0]) for line in out.splitlines() if line.startswith("epoch")]
-    assert len(losses) == 2 and losses[1] < losses[0]
+    table = {line[:18].strip(): line[18:].split() for line in out.splitlines()
+             if line.startswith(("FCMAE-pretrained", "from scratch"))}
+    assert set(table) == {"FCMAE-pretrained", "from scratch"}
+    for name, run in (("FCMAE-pretrained", "finetune-fcmae"), ("from scratch", "finetune-scratch")):
+        rows = [json.loads(line) for line in open(tmp_path / run / "metrics.jsonl")]
+        last = [r for r in rows if r["kind"] == "epoch"][-1]
+        assert float(table[name][0]) == pytest.approx(last["top1"], abs=0.005)
+        assert float(table[name][2]) == pytest.approx(last["ema_top1"], abs=0.005)
+    assert (tmp_path / "encoder-timm.safetensors").is_file()
+    assert "fresh: head.fc, head.norm" in out
+    png = out.split("reconstructions: ")[1].split()[0]
+    assert os.path.isfile(png)

@@ -76,9 +76,11 @@ class ImageData:
                 else:
                     files, labels = list_images(cfg.path), None
                 self.dataset = ImageFiles(files, tf, in_chans, labels, seed)
-            # data.num_samples caps an epoch (a random subset each epoch), e.g. for quick experiments
-            num = min(len(self.dataset), cfg.num_samples or len(self.dataset))
-            self.num_samples = num // info.world_size * info.world_size
+            if cfg.num_samples is not None and cfg.num_samples < len(self.dataset):  # the first N (quick runs)
+                from fcmae.data.labeled import subset
+
+                self.dataset = subset(self.dataset, list(range(cfg.num_samples)))
+            self.num_samples = len(self.dataset) // info.world_size * info.world_size
         self.steps_per_epoch = self.num_samples // (global_micro * accum)
         if self.steps_per_epoch < 1:
             raise ValueError(f"{self.num_samples} images is less than one global batch ({global_micro * accum}); "

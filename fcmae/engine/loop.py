@@ -51,6 +51,17 @@ class Task(Protocol):
     def end_of_epoch(self, epoch: int, last: bool) -> dict[str, Any]:
         """Rank 0 only, after each epoch: e.g. write pictures; returns extra metrics."""
 
+    # Optional hooks (a task without them is trained as before):
+    #   after_step(step: int) -> None            every process, after each optimizer step (e.g. an EMA update)
+    #   evaluate(epoch: int) -> dict[str, float]  every process, after each epoch, before the checkpoint is written;
+    #                                             returns metrics (the loop puts the model back in train mode)
+    #   extra_state() -> dict                     entries added to every training checkpoint (EMA weights, best)
+    #   load_extra_state(state: dict) -> None     on resume, with the whole checkpoint
+
+
+def _hook(task: Task, name: str) -> Callable | None:
+    return getattr(task, name, None)
+
 
 @dataclass
 class Progress:
@@ -79,6 +90,9 @@ def save_checkpoint(path: str, task: Task, optimizer, scaler, progress: Progress
         "rng": {**ckpt_io.rng_state(device), "seed": torch.tensor(cfg.seed)},
         "config": to_dict(cfg),
     }
+    extra = _hook(task, "extra_state")
+    if extra is not None:
+        state.update(extra())
     ckpt_io.save_atomic(state, path)
 
 
@@ -112,6 +126,8 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
+        if _hook(task, "load_extra_state") is not None:
+            task.load_extra_state(state)
         progress = Progress(state["epoch"], state.get("epoch_step", 0), state["step"])
         if main and "rng" in state:  # only rank 0's state is saved; others keep their per-rank seeds
             ckpt_io.set_rng_state(state["rng"], device)
@@ -127,6 +143,7 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
     summary: dict[str, Any] = {"skipped": 0}
     lr = cosine_lr(progress.step, total_steps, warmup_steps, base_lr, o.min_lr)
     run_t0, run_steps0 = time.time(), progress.step
+    after_step, evaluate = _hook(task, "after_step"), _hook(task, "evaluate")
     model.train()
     try:
         while progress.epoch < o.epochs:
@@ -167,6 +184,8 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
                 optimizer.zero_grad(set_to_none=True)
                 progress.step += 1
                 progress.epoch_step += 1
+                if after_step is not None:
+                    after_step(progress.step)
                 skipped = int(stats[1].item())
                 epoch_loss, epoch_steps, epoch_skipped = epoch_loss + step_loss, epoch_steps + 1, epoch_skipped + skipped
                 ips = task.global_batch / max(time.time() - step_t0, 1e-9)
@@ -184,18 +203,24 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
             last = progress.epoch == o.epochs
             summary.update(epoch=progress.epoch, step=progress.step, loss=epoch_loss / max(1, epoch_steps))
             summary["skipped"] += epoch_skipped
+            evaluated: dict[str, Any] = {}
+            if evaluate is not None:
+                evaluated = evaluate(epoch)
+                model.train()
+                summary.update(evaluated)
             if main:
                 save_checkpoint(os.path.join(out, ckpt_io.LAST), task, optimizer, scaler, progress, cfg, device)
                 keep = cfg.checkpoint.keep_every_epochs
                 if keep and (progress.epoch % keep == 0 or last):
                     save_checkpoint(os.path.join(out, f"checkpoint-epoch{progress.epoch}.pt"), task, optimizer,
                                     scaler, progress, cfg, device)
-                extra = task.end_of_epoch(epoch, last)
+                extra = {**evaluated, **task.end_of_epoch(epoch, last)}
                 dt = time.time() - epoch_t0
                 logger.log("epoch", progress.step, epoch=progress.epoch, loss=summary["loss"], lr=lr,
                            img_per_s=epoch_steps * task.global_batch / dt, skipped=epoch_skipped, seconds=dt, **extra)
                 print(f"epoch {progress.epoch}/{o.epochs}  loss {summary['loss']:.4f}  lr {lr:.2e}  "
-                      f"{epoch_steps * task.global_batch / dt:.0f} img/s  skipped {epoch_skipped}  ({dt:.1f}s)",
+                      f"{epoch_steps * task.global_batch / dt:.0f} img/s  skipped {epoch_skipped}  ({dt:.1f}s)"
+                      + "".join(f"  {k} {v:.2f}" for k, v in evaluated.items() if isinstance(v, float)),
                       flush=True)
     finally:
         logger.close()

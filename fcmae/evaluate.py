@@ -1,0 +1,143 @@
+"""`fcmae eval CKPT [key=value ...]`: top-1 / top-5 and per-class accuracy of a classifier checkpoint on a val split.
+
+CKPT: a fine-tune checkpoint (best.pt, best-ema.pt, last.pt; `ema=true` takes last.pt's EMA weights) or an exported
+timm classifier (model.safetensors). The data settings default to the ones the checkpoint was trained with.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from fcmae.config import from_dict, merge, parse_overrides
+from fcmae.data.folder import ImageFiles, imagefolder_samples, is_imagefolder
+from fcmae.data.labeled import DIGIT_CLASSES, build_splits, eval_transform, val_samples
+from fcmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fcmae.engine.distributed import cleanup_distributed, init_distributed
+from fcmae.finetune_config import FinetuneDataConfig
+from fcmae.metrics import ClassificationMeter
+
+DATA_KEYS = ("path", "train_path", "val_path", "format", "image_size", "crop_pct", "mean", "std", "digits_per_class",
+             "digits_val", "eval_batch_size", "num_workers")
+
+
+@dataclass
+class EvalConfig:
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    ema: bool = False  # from a training checkpoint (last.pt), evaluate its EMA weights
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+
+    def check(self) -> None:
+        d = self.data
+        if d.format != "digits" and not (d.path or d.val_path):
+            raise ValueError("data.path is not set; give the val ImageFolder (or a root with val/), or data.val_path")
+        if d.image_size < 32 or d.image_size % 32 or not 0 < d.crop_pct <= 1:
+            raise ValueError("data.image_size must be a multiple of 32 and data.crop_pct in (0, 1]")
+
+
+def load_classifier(path: str, ema: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """-> (timm classifier with the checkpoint's weights, the raw checkpoint dict or {} for a bare state_dict)."""
+    import timm
+
+    from convnextv2.checkpoint import load_file, read_encoder, timm_classifier_state_dict
+
+    raw = load_file(path)
+    meta = raw if isinstance(raw, dict) and "model" in raw else {}
+    src: Any = raw
+    if ema:
+        if "ema" not in meta:
+            raise ValueError(f"{path!r} holds no EMA weights (only a training last.pt does); use best-ema.pt or "
+                             "model-ema.safetensors, or leave ema=false")
+        src = {"model": meta["ema"]}
+    weights = read_encoder(src)
+    fc = weights.state_dict.get("head.fc.weight")
+    if fc is None:
+        raise ValueError(f"{path!r} has no classifier (head.fc): it is an encoder; fine-tune it first (fcmae finetune)")
+    if weights.arch.name is None:
+        raise ValueError(f"{path!r} holds {weights.arch.describe()}, which matches no timm convnextv2_* model")
+    sd, fresh = timm_classifier_state_dict(weights, int(fc.shape[0]))
+    if fresh:
+        raise ValueError(f"{path!r} lacks {', '.join(fresh)}; it is not a complete classifier")
+    model = timm.create_model(weights.arch.name, pretrained=False, num_classes=int(fc.shape[0]))
+    model.load_state_dict(sd, strict=True)
+    return model, meta
+
+
+def eval_dataset(d: FinetuneDataConfig, classes: list[str] | None) -> tuple[ImageFiles, list[str]]:
+    """The val split: digits' held-out images, or an ImageFolder (data.val_path, data.path/val, or data.path)."""
+    if d.format == "digits":
+        return build_splits(d, 0, train=False).val, list(DIGIT_CLASSES)
+    root = d.val_path or (os.path.join(d.path, "val") if os.path.isdir(os.path.join(d.path, "val")) else d.path)
+    if not os.path.isdir(root) or not is_imagefolder(root):
+        raise ValueError(f"{root!r} is not an ImageFolder (class subfolders); give data.path or data.val_path")
+    if classes is None:  # a bare exported file: classes are the sorted subfolders
+        classes = imagefolder_samples(root)[2]
+    files, labels = val_samples(root, classes)
+    tf = eval_transform(d.image_size, d.crop_pct, d.mean or list(IMAGENET_MEAN), d.std or list(IMAGENET_STD))
+    return ImageFiles(files, tf, 3, labels), classes
+
+
+def evaluate(ckpt: str, cfg: EvalConfig, meta: dict | None = None, model=None) -> tuple[ClassificationMeter, list[str]]:
+    from fcmae.engine.loop import amp_dtype
+    from fcmae.finetune import evaluate_model, val_loader
+
+    info = init_distributed(cfg.device)
+    try:
+        if model is None:
+            model, meta = load_classifier(ckpt, cfg.ema)
+        dataset, classes = eval_dataset(cfg.data, (meta or {}).get("classes"))
+        k = model.num_classes
+        if len(classes) != k:
+            raise ValueError(f"the model has {k} outputs but the data has {len(classes)} classes; give the val split "
+                             "of the data it was trained on")
+        loader = val_loader(dataset, cfg.data.eval_batch_size, cfg.data.num_workers, info)
+        meter = evaluate_model(model.to(info.device), loader, k, info.device, amp_dtype(cfg.amp, info.device))
+        return meter, classes
+    finally:
+        cleanup_distributed()
+
+
+def format_report(meter: ClassificationMeter, classes: list[str]) -> str:
+    s = meter.summary()
+    lines = [f"top-1 {s['top1']:.2f}  top-5 {s['top5']:.2f}  ({s['count']} images)", "",
+             f"{'class':>5}  {'name':<20} {'images':>6}  {'top-1':>6}"]
+    for c, n, acc in meter.per_class():
+        lines.append(f"{c:>5}  {classes[c][:20]:<20} {n:>6}  {acc:>6.2f}")
+    return "\n".join(lines)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "eval", help="top-1/top-5 and per-class accuracy of a classifier checkpoint",
+        description="Evaluate CKPT (best.pt / best-ema.pt / last.pt of `fcmae finetune`, or an exported "
+        "model.safetensors) on a val split. Example: fcmae eval runs/ft/best-ema.pt data.path=/data/imagenet "
+        "(uses data.path/val when it exists). Data settings default to the checkpoint's own.",
+    )
+    p.add_argument("ckpt", help="checkpoint file")
+    p.add_argument("--config", default=None, help="YAML file with eval keys (device, ema, data.*)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.path=/data data.image_size=224")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    import yaml
+
+    if not os.path.isfile(args.ckpt):
+        raise ValueError(f"checkpoint {args.ckpt!r} is not a file")
+    model, meta = load_classifier(args.ckpt, ema=False)
+    trained = {k: v for k, v in ((meta.get("config") or {}).get("data") or {}).items() if k in DATA_KEYS}
+    base: dict[str, Any] = {"data": trained}
+    if args.config:
+        with open(args.config) as f:
+            base = merge(base, yaml.safe_load(f) or {})
+    cfg = from_dict(EvalConfig, merge(base, parse_overrides(args.overrides)))
+    cfg.check()
+    if cfg.ema:
+        model, meta = load_classifier(args.ckpt, ema=True)
+    meter, classes = evaluate(args.ckpt, cfg, meta, model)
+    print(f"fcmae eval: {args.ckpt}{' (EMA)' if cfg.ema else ''}")
+    print(format_report(meter, classes))

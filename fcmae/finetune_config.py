@@ -1,0 +1,137 @@
+"""The `fcmae finetune` config schema (keys documented in README "Fine-tuning and evaluation")."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from convnextv2.encoder import MODEL_NAMES
+from fcmae.engine.config import OptimConfig, RunConfig, check_global_batch, world_size_from_env
+from fcmae.layer_decay import SCHEMES
+
+
+@dataclass
+class FinetuneModelConfig:
+    name: str = "convnextv2_atto"
+    init: str = "none"  # FCMAE run checkpoint or any checkpoint `fcmae convert` reads; "none" = from scratch
+    num_classes: Optional[int] = None  # None: the number of classes in the training data
+    drop_path: float = 0.1  # stochastic depth rate (timm drop_path_rate)
+    head_init_scale: float = 0.001  # fresh classifier weights are scaled by this (SPEC §3)
+
+    def check(self) -> None:
+        if self.name not in MODEL_NAMES:
+            raise ValueError(f"model.name={self.name!r} is not valid; choose one of: {', '.join(MODEL_NAMES)}")
+        if not self.init:
+            raise ValueError("model.init is empty; give a checkpoint file or 'none' (train from scratch)")
+        if self.init != "none" and not os.path.isfile(self.init):
+            raise ValueError(f"model.init={self.init!r} is not a file; give a pretrained checkpoint or 'none'")
+        if self.num_classes is not None and self.num_classes < 1:
+            raise ValueError(f"model.num_classes must be >= 1 or null (from the data), got {self.num_classes}")
+        if not 0 <= self.drop_path < 1 or self.head_init_scale <= 0:
+            raise ValueError("model.drop_path must be in [0, 1) and model.head_init_scale > 0")
+
+
+@dataclass
+class FinetuneDataConfig:
+    path: str = ""  # ImageFolder root holding train/ and val/ (or set train_path and val_path)
+    train_path: str = ""
+    val_path: str = ""
+    format: Literal["auto", "imagefolder", "digits"] = "auto"
+    image_size: int = 224
+    batch_size: int = 1024  # GLOBAL batch per optimizer step (split over processes and accum_steps)
+    eval_batch_size: int = 256  # per process
+    num_workers: int = 8
+    crop_pct: float = 0.875  # eval: resize to image_size / crop_pct, center crop image_size
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; null = off
+    reprob: float = 0.25  # random erasing probability
+    min_scale: float = 0.08  # RandomResizedCrop scale (min_scale, 1)
+    hflip: float = 0.5
+    mean: Optional[list[float]] = None  # None: ImageNet
+    std: Optional[list[float]] = None
+    digits_per_class: int = 10  # digits: labeled training images per class (a small labeled subset)
+    digits_val: int = 500  # digits: held-out validation images (never in the labeled subset)
+
+    def check(self) -> None:
+        if self.format != "digits" and not self.path and not (self.train_path and self.val_path):
+            raise ValueError("data.path is not set; give an ImageFolder root with train/ and val/ subfolders, or "
+                             "data.train_path and data.val_path (or data.format=digits for the built-in set)")
+        if self.image_size < 32 or self.image_size % 32:
+            raise ValueError(f"data.image_size={self.image_size} must be a positive multiple of 32 (e.g. 224)")
+        if self.batch_size < 1 or self.eval_batch_size < 1 or self.num_workers < 0:
+            raise ValueError("data.batch_size and data.eval_batch_size must be >= 1, data.num_workers >= 0")
+        if not 0 < self.crop_pct <= 1 or not 0 <= self.reprob <= 1 or not 0 < self.min_scale <= 1:
+            raise ValueError("data.crop_pct and data.min_scale must be in (0, 1], data.reprob in [0, 1]")
+        if not 0 <= self.hflip <= 1:
+            raise ValueError(f"data.hflip must be in [0, 1], got {self.hflip}")
+        for key, stats in (("data.mean", self.mean), ("data.std", self.std)):
+            if stats is not None and len(stats) != 3:
+                raise ValueError(f"{key} must have 3 values (fine-tuning uses RGB images), got {stats}")
+        if self.digits_per_class < 1 or not 10 <= self.digits_val <= 1797 - 10 * self.digits_per_class:
+            raise ValueError("data.digits_per_class must be >= 1 and data.digits_val in [10, 1797 - 10 x per_class]")
+
+
+@dataclass
+class AugConfig:
+    mixup: float = 0.8  # mixup alpha (0 = off)
+    cutmix: float = 1.0  # cutmix alpha (0 = off)
+    mixup_prob: float = 1.0  # probability of mixing a batch
+    switch_prob: float = 0.5  # probability of cutmix instead of mixup when both are on
+    smoothing: float = 0.1  # label smoothing
+
+    def check(self) -> None:
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ValueError("aug.mixup and aug.cutmix must be >= 0 (0 = off)")
+        if not (0 <= self.mixup_prob <= 1 and 0 <= self.switch_prob <= 1 and 0 <= self.smoothing < 1):
+            raise ValueError("aug.mixup_prob and aug.switch_prob must be in [0, 1], aug.smoothing in [0, 1)")
+
+    @property
+    def mixing(self) -> bool:
+        return (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0
+
+
+@dataclass
+class EmaConfig:
+    enabled: bool = True
+    decay: float = 0.9999
+
+    def check(self) -> None:
+        if not 0 < self.decay < 1:
+            raise ValueError(f"ema.decay must be in (0, 1), got {self.decay}")
+
+
+@dataclass
+class FinetuneOptimConfig(OptimConfig):
+    epochs: int = 100
+    warmup_epochs: float = 20.0
+    blr: float = 6.25e-4
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    layer_decay: float = 0.9  # lr scale = layer_decay ** (top id - layer id); 1 = off
+    layer_decay_scheme: Literal["single", "group"] = "single"
+
+    def check(self) -> None:
+        super().check()
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"optim.layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.layer_decay_scheme not in SCHEMES:
+            raise ValueError(f"optim.layer_decay_scheme must be one of {', '.join(SCHEMES)}")
+
+
+@dataclass
+class FinetuneConfig(RunConfig):
+    output_dir: str = "runs/finetune"
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)
+
+    def check(self) -> None:
+        super().check()
+        self.model.check()
+        self.data.check()
+        self.aug.check()
+        self.ema.check()
+        micro = check_global_batch(self.data.batch_size, self.optim.accum_steps, world_size_from_env())
+        if self.aug.mixing and micro % 2:
+            raise ValueError(f"mixup/cutmix need an even per-process micro-batch, got {micro}; change data.batch_size")
