@@ -1,14 +1,11 @@
 """Data: robust decoding of odd/corrupt images, transforms for any in_chans, sampler split, webdataset shards."""
-import os
-
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from fcmae.data.build import SkipSampler
 from fcmae.data.decode import decode_image
-from fcmae.data.folder import ImageFiles, list_images
+from fcmae.data.folder import ImageFiles
 from fcmae.data.shards import ShardImages, count_samples, expand_shards
 from fcmae.data.transforms import IMAGENET_MEAN, default_stats, eval_transform, train_transform
 from fcmae.data.write_shards import write_shards

@@ -52,10 +52,10 @@ def test_masked_output_differs_from_dense():
     assert rel_err(sparse[..., 1, 1], dense[..., 1, 1]) > 1e-3
 
 
-def test_per_sample_grn():
+def test_per_sample_grn(backend):
     # SPEC §5.1: GRN pools per sample. A sample's output must not depend on the other samples in the batch.
     enc = randomize_grn(create_encoder("convnextv2_atto")).eval()
-    sparse = SparseEncoder(enc)
+    sparse = SparseEncoder(enc, backend)
     x = torch.randn(4, 3, 64, 96)
     mask = random_mask(4, (2, 3), 0.5)
     with torch.no_grad():

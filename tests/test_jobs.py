@@ -8,7 +8,6 @@ steps, checkpointed every step); the real `fcmae pretrain` runs through the same
 from __future__ import annotations
 
 import ast
-import importlib.util
 import os
 import shutil
 import subprocess
