@@ -7,6 +7,7 @@ from importlib.metadata import entry_points
 
 from fcmae import bench, convert, demo, evaluate, finetune, pretrain, visualize
 from fcmae.data import write_shards
+from fcmae.engine.loop import NonFiniteLossError
 
 COMMANDS = [pretrain, finetune, evaluate, convert, visualize, write_shards, demo, bench]
 
@@ -43,4 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # bad input: one clear line, no traceback
         print(f"fcmae {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:  # a diverged run: the last good checkpoint is kept, the message says what to do
+        print(f"fcmae {args.command}: stopped: {e}", file=sys.stderr)
+        return 3
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Any, Callable
 
 import timm
@@ -27,7 +26,7 @@ from fcmae.data.labeled import build_splits, python_seeded
 from fcmae.engine import checkpoint as ckpt_io
 from fcmae.engine.config import check_global_batch
 from fcmae.engine.distributed import DistInfo, cleanup_distributed, init_distributed
-from fcmae.engine.loop import NonFiniteLossError, amp_dtype, train
+from fcmae.engine.loop import amp_dtype, train
 from fcmae.engine.seeds import derive_seed
 from fcmae.finetune_config import FinetuneConfig
 from fcmae.layer_decay import param_groups
@@ -258,9 +257,4 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    cfg = load_config(FinetuneConfig, args.config, args.overrides)
-    try:
-        finetune(cfg)
-    except NonFiniteLossError as e:
-        print(f"fcmae finetune: stopped: {e}", file=sys.stderr)
-        raise SystemExit(3)
+    finetune(load_config(FinetuneConfig, args.config, args.overrides))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any, Callable
 
 import torch
@@ -16,7 +15,7 @@ from torch import nn
 from fcmae.config import load_config
 from fcmae.engine.config import check_global_batch
 from fcmae.engine.distributed import DistInfo, cleanup_distributed, init_distributed
-from fcmae.engine.loop import NonFiniteLossError, train
+from fcmae.engine.loop import train
 from fcmae.engine.optim import param_groups
 from fcmae.engine.seeds import derive_seed
 from fcmae.masking import random_mask
@@ -115,9 +114,4 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    cfg = load_config(PretrainConfig, args.config, args.overrides)
-    try:
-        pretrain(cfg)
-    except NonFiniteLossError as e:
-        print(f"fcmae pretrain: stopped: {e}", file=sys.stderr)
-        raise SystemExit(3)
+    pretrain(load_config(PretrainConfig, args.config, args.overrides))
