@@ -7,6 +7,7 @@ any data or GPU work. `save_config` writes the resolved config (every key, defau
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import types
@@ -158,3 +159,9 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
     os.replace(tmp, path)
 
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_help: str, override_example: str) -> None:
+    """`--config FILE` and positional `key=value` overrides, the interface every config-driven command shares."""
+    parser.add_argument("--config", default=None, help=config_help)
+    parser.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {override_example}")

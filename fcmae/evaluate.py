@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import torch
 
-from fcmae.config import from_dict, merge, parse_overrides
+from fcmae.config import add_config_arguments, from_dict, merge, parse_overrides
 from fcmae.data.folder import ImageFiles, imagefolder_samples, is_imagefolder
 from fcmae.data.labeled import DIGIT_CLASSES, build_splits, eval_transform, val_samples
 from fcmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -118,8 +118,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(uses data.path/val when it exists). Data settings default to the checkpoint's own.",
     )
     p.add_argument("ckpt", help="checkpoint file")
-    p.add_argument("--config", default=None, help="YAML file with eval keys (device, ema, data.*)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.path=/data data.image_size=224")
+    add_config_arguments(p, "YAML file with eval keys (device, ema, data.*)", "data.path=/data data.image_size=224")
     p.set_defaults(func=run)
 
 

@@ -20,7 +20,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from fcmae.config import load_config, to_dict
+from fcmae.config import add_config_arguments, load_config, to_dict
 from fcmae.data.build import SkipSampler
 from fcmae.data.labeled import build_splits, python_seeded
 from fcmae.engine import checkpoint as ckpt_io
@@ -251,8 +251,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "output_dir=runs/ft-tiny (data.path holds train/ and val/ class folders; model.init=none trains from "
         "scratch). Multi-GPU: torchrun --nproc_per_node=8 -m fcmae finetune ... (data.batch_size is GLOBAL).",
     )
-    p.add_argument("--config", default=None, help="YAML file (configs/finetune/<size>.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. model.init=last.pt data.path=/data")
+    add_config_arguments(p, "YAML file (configs/finetune/<size>.yaml)", "model.init=last.pt data.path=/data")
     p.set_defaults(func=run)
 
 

@@ -12,7 +12,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from fcmae.config import load_config
+from fcmae.config import add_config_arguments, load_config
 from fcmae.engine.config import check_global_batch
 from fcmae.engine.distributed import DistInfo, cleanup_distributed, init_distributed
 from fcmae.engine.loop import train
@@ -108,8 +108,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "configs/pretrain/tiny.yaml data.path=/data/train output_dir=runs/tiny. Multi-GPU: torchrun "
         "--nproc_per_node=8 -m fcmae pretrain ... (data.batch_size is the GLOBAL batch).",
     )
-    p.add_argument("--config", default=None, help="YAML file (configs/pretrain/<size>.yaml)")
-    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.epochs=100 data.path=/data")
+    add_config_arguments(p, "YAML file (configs/pretrain/<size>.yaml)", "optim.epochs=100 data.path=/data")
     p.set_defaults(func=run)
 
 
