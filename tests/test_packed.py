@@ -1,5 +1,6 @@
 """The `packed` backend against the `masked` oracle: outputs, loss and gradients in fp32, bf16 autocast, errors."""
 import copy
+import shutil
 
 import pytest
 import torch
@@ -101,3 +102,33 @@ def test_unequal_visible_counts_raise():
         sparse(torch.randn(2, 3, 64, 64), mask)
     with pytest.raises(ValueError, match="binary mask"):
         sparse(torch.randn(1, 3, 64, 64), torch.full((1, 2, 2), 0.5))
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
+])
+def test_compiled_train_step_matches_eager(device, monkeypatch):
+    """torch.compile of the packed FCMAE forward, inside a whole train step (backward, AdamW), gives eager's losses and
+    weights over several steps with new masks (so the graph must not bake in one mask)."""
+    if device == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
+        pytest.skip("torch.compile on CPU needs a C++ compiler (apt-get install g++)")
+    if device == "cuda":
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 rounding would hide a 1e-5 error
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    eager = randomize_grn(FCMAE("convnextv2_atto", decoder_dim=32, decoder_depth=1)).to(device)
+    compiled = copy.deepcopy(eager)
+    compiled.forward = torch.compile(compiled.forward)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (eager, compiled)]
+    imgs = torch.randn(2, 3, 64, 96, device=device)
+    for _ in range(3):
+        mask = eager.random_mask(imgs)
+        losses = []
+        for model, opt in zip((eager, compiled), opts):
+            loss, _, _ = model(imgs, mask)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert abs(losses[1] - losses[0]) <= 1e-5 * abs(losses[0])
+    for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
+        assert rel_err(q, p) <= 1e-4, name
