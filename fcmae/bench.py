@@ -7,9 +7,10 @@ image (every position computed), followed by the same decoder and masked-patch l
 
 Reported per backend: median step time and img/s, median CPU seconds of this process per step (robust to other
 jobs on a shared CPU when run with --threads 1), peak memory (CUDA: torch.cuda.max_memory_allocated over its steps;
-n/a on CPU), ratio of img/s to `masked`, and on CUDA the model FLOP utilisation: useful FLOPs (the dense encoder's
-FLOPs scaled by the visible fraction, plus the decoder's, forward and backward, counted by
-torch.utils.flop_counter) / step time / the measured throughput of a large matmul in the step's dtype.
+n/a on CPU), ratio of img/s to `masked`, and the model FLOP utilisation: useful FLOPs (the dense encoder's FLOPs
+scaled by the visible fraction, plus the decoder's, forward and backward, counted by torch.utils.flop_counter) / step
+time / the measured throughput of a large matmul in the step's dtype on the same device (8192^2 on CUDA, 1024^2 on
+CPU, so that the CPU figure takes a second, not minutes).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import time
 from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from convnextv2.backends import BACKENDS
 from convnextv2.sparse import sparse_forward
@@ -100,22 +101,40 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def conv_backward_flops(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
+                        output_padding, groups, output_mask, out_shape=None, **kwargs) -> int:
+    """FLOPs of aten.convolution_backward (non-transposed): the forward's for each gradient asked for (input, weight).
+
+    torch's own formula ignores `groups` for the weight gradient, which counts a C-channel depthwise conv's backward
+    C times too high (ConvNeXt's 7x7 convs: a 5-10x too high step total). The forward count (w_shape holds C_in/groups)
+    is right.
+    """
+    if transposed:
+        raise NotImplementedError("transposed convolutions are not counted")
+    return conv_flop_count(x_shape, w_shape, grad_out_shape) * (int(output_mask[0]) + int(output_mask[1]))
+
+
+def count_flops() -> FlopCounterMode:
+    return FlopCounterMode(display=False, custom_mapping={torch.ops.aten.convolution_backward: conv_backward_flops})
+
+
 def useful_flops(model: FCMAE, imgs: torch.Tensor, mask: torch.Tensor, autocast) -> float:
     """FLOPs of one train step's useful work (forward + backward): dense encoder x visible fraction + decoder."""
     visible = (1 - mask).mean().item()
     with torch.no_grad(), autocast():
         features = model.encoder.forward_features(imgs).requires_grad_()
-    with FlopCounterMode(display=False) as enc_count, autocast():
+    with count_flops() as enc_count, autocast():
         model.encoder.forward_features(imgs).float().sum().backward()
-    with FlopCounterMode(display=False) as dec_count, autocast():
+    with count_flops() as dec_count, autocast():
         pred = model.decoder(features, mask).flatten(2).transpose(1, 2)
         model.loss(imgs, pred, mask).backward()
     model.zero_grad(set_to_none=True)
     return enc_count.get_total_flops() * visible + dec_count.get_total_flops()
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 8192, reps: int = 20) -> float:
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     """Measured FLOP/s of a large square matmul: the practical peak the MFU is relative to."""
+    n, reps = (8192, 20) if device.type == "cuda" else (1024, 5)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
@@ -185,20 +204,17 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             if device.type == "cuda":
                 peak[b] = max(peak[b], torch.cuda.max_memory_allocated(device))
 
-    flops = peak_flops = None
-    if device.type == "cuda":
-        flops = useful_flops(model, imgs, masks[0], autocast)
-        peak_flops = matmul_peak(device, torch.bfloat16 if dtype == "bf16" else torch.float32)
-        print(f"useful work {flops / n / 1e9:.2f} GFLOP/img (fwd+bwd)  measured matmul peak "
-              f"{peak_flops / 1e12:.0f} TFLOP/s ({dtype})")
+    flops = useful_flops(model, imgs, masks[0], autocast)
+    peak_flops = matmul_peak(device, torch.bfloat16 if dtype == "bf16" else torch.float32)
+    print(f"useful work {flops / n / 1e9:.2f} GFLOP/img (fwd+bwd)  measured matmul peak "
+          f"{peak_flops / 1e12:.2f} TFLOP/s ({dtype})")
     results: dict[str, dict[str, float]] = {}
     for b in backends:
         med = statistics.median(times[b])
         results[b] = {"step_s": med, "img_s": n / med, "min_s": min(times[b]), "max_s": max(times[b]),
-                      "cpu_s": statistics.median(cpu_times[b])}
+                      "cpu_s": statistics.median(cpu_times[b]), "mfu": flops / med / peak_flops}
         if device.type == "cuda":
             results[b]["peak_mem_gib"] = peak[b] / 2 ** 30
-            results[b]["mfu"] = flops / med / peak_flops
     ref = results.get("masked")
     print(f"{'backend':<8} {'img/s':>8} {'step ms (min-max)':>24} {'peak mem':>10} {'x masked':>9} "
           f"{'mem x masked':>13} {'MFU':>6} {'cpu s/step':>11} {'cpu x masked':>13}")
@@ -206,7 +222,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         mem = f"{r['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in r else "n/a"
         ratio = f"{r['img_s'] / ref['img_s']:.2f}" if ref else "-"
         mem_ratio = f"{r['peak_mem_gib'] / ref['peak_mem_gib']:.2f}" if ref and "peak_mem_gib" in r else "-"
-        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
+        mfu = f"{100 * r['mfu']:.1f}%"
         span = f"{1e3 * r['step_s']:.0f} ({1e3 * r['min_s']:.0f}-{1e3 * r['max_s']:.0f})"
         cpu_ratio = f"{ref['cpu_s'] / r['cpu_s']:.2f}" if ref else "-"
         print(f"{b:<8} {r['img_s']:>8.2f} {span:>24} {mem:>10} {ratio:>9} {mem_ratio:>13} {mfu:>6} "
