@@ -8,9 +8,9 @@ image (every position computed), followed by the same decoder and masked-patch l
 Reported per backend: median step time and img/s, median CPU seconds of this process per step (robust to other
 jobs on a shared CPU when run with --threads 1), peak memory (CUDA: torch.cuda.max_memory_allocated over its steps;
 n/a on CPU), ratio of img/s to `masked`, and the model FLOP utilisation: useful FLOPs (the dense encoder's FLOPs
-scaled by the visible fraction, plus the decoder's, forward and backward, counted by torch.utils.flop_counter) / step
-time / the measured throughput of a large matmul in the step's dtype on the same device (8192^2 on CUDA, 1024^2 on
-CPU, so that the CPU figure takes a second, not minutes).
+scaled by the visible fraction, plus the decoder's, forward and backward, counted by torch.utils.flop_counter with
+the depthwise-conv backward corrected) / step time / the measured throughput of a large matmul in the step's dtype on
+the same device (8192^2 on CUDA, 1024^2 on CPU, so that the CPU figure takes a second, not minutes).
 """
 from __future__ import annotations
 
@@ -105,9 +105,9 @@ def conv_backward_flops(grad_out_shape, x_shape, w_shape, bias, stride, padding,
                         output_padding, groups, output_mask, out_shape=None, **kwargs) -> int:
     """FLOPs of aten.convolution_backward (non-transposed): the forward's for each gradient asked for (input, weight).
 
-    torch's own formula ignores `groups` for the weight gradient, which counts a C-channel depthwise conv's backward
-    C times too high (ConvNeXt's 7x7 convs: a 5-10x too high step total). The forward count (w_shape holds C_in/groups)
-    is right.
+    torch's own formula (2.14) ignores `groups` for the weight gradient, which counts a C-channel depthwise conv's
+    weight gradient C times too high: atto's whole FCMAE step came out 2.4x too high at 96 px (tests/test_bench.py
+    checks ours). The forward count is right (w_shape holds C_in/groups), and each gradient costs one forward.
     """
     if transposed:
         raise NotImplementedError("transposed convolutions are not counted")
