@@ -14,8 +14,7 @@ import torch
 
 from fcmae.config import add_config_arguments, from_dict, merge, parse_overrides
 from fcmae.data.folder import ImageFiles, imagefolder_samples, is_imagefolder
-from fcmae.data.labeled import DIGIT_CLASSES, build_splits, eval_transform, val_samples
-from fcmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fcmae.data.labeled import DIGIT_CLASSES, build_splits, eval_transform, normalization, val_samples
 from fcmae.engine.distributed import cleanup_distributed, init_distributed
 from fcmae.finetune_config import FinetuneDataConfig
 from fcmae.metrics import ClassificationMeter
@@ -62,23 +61,25 @@ def load_classifier(path: str, ema: bool = False) -> tuple[torch.nn.Module, dict
     sd, fresh = timm_classifier_state_dict(weights, int(fc.shape[0]))
     if fresh:
         raise ValueError(f"{path!r} lacks {', '.join(fresh)}; it is not a complete classifier")
-    model = timm.create_model(weights.arch.name, pretrained=False, num_classes=int(fc.shape[0]))
+    model = timm.create_model(weights.arch.name, pretrained=False, num_classes=int(fc.shape[0]),
+                              in_chans=weights.arch.in_chans)
     model.load_state_dict(sd, strict=True)
     return model, meta
 
 
-def eval_dataset(d: FinetuneDataConfig, classes: list[str] | None) -> tuple[ImageFiles, list[str]]:
-    """The val split: digits' held-out images, or an ImageFolder (data.val_path, data.path/val, or data.path)."""
+def eval_dataset(d: FinetuneDataConfig, classes: list[str] | None, in_chans: int = 3) -> tuple[ImageFiles, list[str]]:
+    """The val split as `in_chans`-channel images: digits' held-out images, or an ImageFolder (data.val_path,
+    data.path/val, or data.path)."""
     if d.format == "digits":
-        return build_splits(d, 0, train=False).val, list(DIGIT_CLASSES)
+        return build_splits(d, 0, train=False, in_chans=in_chans).val, list(DIGIT_CLASSES)
     root = d.val_path or (os.path.join(d.path, "val") if os.path.isdir(os.path.join(d.path, "val")) else d.path)
     if not os.path.isdir(root) or not is_imagefolder(root):
         raise ValueError(f"{root!r} is not an ImageFolder (class subfolders); give data.path or data.val_path")
     if classes is None:  # a bare exported file: classes are the sorted subfolders
         classes = imagefolder_samples(root)[2]
     files, labels = val_samples(root, classes)
-    tf = eval_transform(d.image_size, d.crop_pct, d.mean or list(IMAGENET_MEAN), d.std or list(IMAGENET_STD))
-    return ImageFiles(files, tf, 3, labels), classes
+    tf = eval_transform(d.image_size, d.crop_pct, *normalization(d, in_chans), in_chans)
+    return ImageFiles(files, tf, in_chans, labels), classes
 
 
 def evaluate(ckpt: str, cfg: EvalConfig, meta: dict | None = None, model=None) -> tuple[ClassificationMeter, list[str]]:
@@ -89,7 +90,7 @@ def evaluate(ckpt: str, cfg: EvalConfig, meta: dict | None = None, model=None) -
     try:
         if model is None:
             model, meta = load_classifier(ckpt, cfg.ema)
-        dataset, classes = eval_dataset(cfg.data, (meta or {}).get("classes"))
+        dataset, classes = eval_dataset(cfg.data, (meta or {}).get("classes"), model.stem[0].in_channels)
         k = model.num_classes
         if len(classes) != k:
             raise ValueError(f"the model has {k} outputs but the data has {len(classes)} classes; give the val split "

@@ -35,13 +35,15 @@ from fcmae.metrics import ClassificationMeter
 FORMAT = "fcmae-finetune"  # header of finetune checkpoints (a timm state_dict under "model": every reader loads it)
 
 
-def build_classifier(name: str, num_classes: int, drop_path: float = 0.0, head_init_scale: float = 1.0) -> nn.Module:
+def build_classifier(name: str, num_classes: int, drop_path: float = 0.0, head_init_scale: float = 1.0,
+                     in_chans: int = 3) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path,
-                             head_init_scale=head_init_scale)
+                             head_init_scale=head_init_scale, in_chans=in_chans)
 
 
-def check_pretrained(path: str, name: str) -> Any:
-    """Read a pretrained checkpoint (any format) -> EncoderWeights; ValueError when it holds another size."""
+def check_pretrained(path: str, name: str, in_chans: int | None = None) -> Any:
+    """Read a pretrained checkpoint (any format) -> EncoderWeights; ValueError when it holds another size or another
+    number of input channels than `in_chans` (None: any)."""
     from convnextv2.checkpoint import read_encoder
 
     weights = read_encoder(path)
@@ -49,6 +51,9 @@ def check_pretrained(path: str, name: str) -> Any:
         raise ValueError(f"model.init={path!r} holds {weights.arch.describe()}, but model.name={name}; use "
                          f"model.name={weights.arch.name} (configs/finetune/{str(weights.arch.name).split('_')[-1]}"
                          ".yaml) or a checkpoint of this size")
+    if in_chans is not None and weights.arch.in_chans != in_chans:
+        raise ValueError(f"model.init={path!r} was pretrained on {weights.arch.in_chans}-channel images, but "
+                         f"model.in_chans={in_chans}; leave model.in_chans unset (null) to take the checkpoint's")
     return weights
 
 
@@ -82,8 +87,9 @@ class FinetuneTask:
     def __init__(self, cfg: FinetuneConfig, info: DistInfo):
         self.cfg, self.info = cfg, info
         m, d, a = cfg.model, cfg.data, cfg.aug
-        weights = check_pretrained(m.init, m.name) if m.init != "none" else None  # a wrong size fails before data
-        self.splits = build_splits(d, cfg.seed)
+        weights = check_pretrained(m.init, m.name, m.in_chans) if m.init != "none" else None  # fails before data
+        self.in_chans = m.in_chans or (weights.arch.in_chans if weights is not None else 3)
+        self.splits = build_splits(d, cfg.seed, in_chans=self.in_chans)
         self.classes = self.splits.classes
         k = len(self.classes)
         if m.num_classes is not None and m.num_classes != k:
@@ -100,7 +106,7 @@ class FinetuneTask:
                              f"({d.batch_size}); lower data.batch_size or add images")
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every process
-        self.model = build_classifier(m.name, k, m.drop_path, m.head_init_scale)
+        self.model = build_classifier(m.name, k, m.drop_path, m.head_init_scale, self.in_chans)
         self.load_info = None
         if weights is not None:
             from convnextv2.checkpoint import load_encoder_weights
@@ -155,7 +161,7 @@ class FinetuneTask:
 
     def checkpoint_header(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": 1, "classes": list(self.classes),
-                "model_args": {"name": self.cfg.model.name, "num_classes": self.num_classes}}
+                "model_args": {"name": self.cfg.model.name, "num_classes": self.num_classes, "in_chans": self.in_chans}}
 
     def after_step(self, step: int) -> None:
         if self.ema is not None:

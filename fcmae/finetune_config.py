@@ -15,6 +15,7 @@ class FinetuneModelConfig:
     name: str = "convnextv2_atto"
     init: str = "none"  # FCMAE run checkpoint or any checkpoint `fcmae convert` reads; "none" = from scratch
     num_classes: Optional[int] = None  # None: the number of classes in the training data
+    in_chans: Optional[int] = None  # input channels; None: the pretrained checkpoint's (3 from scratch)
     drop_path: float = 0.1  # stochastic depth rate (timm drop_path_rate)
     head_init_scale: float = 0.001  # fresh classifier weights are scaled by this (SPEC §3)
 
@@ -25,6 +26,8 @@ class FinetuneModelConfig:
             raise ValueError("model.init is empty; give a checkpoint file or 'none' (train from scratch)")
         if self.init != "none" and not os.path.isfile(self.init):
             raise ValueError(f"model.init={self.init!r} is not a file; give a pretrained checkpoint or 'none'")
+        if self.in_chans is not None and self.in_chans < 1:
+            raise ValueError(f"model.in_chans must be >= 1 or null (the pretrained checkpoint's), got {self.in_chans}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"model.num_classes must be >= 1 or null (from the data), got {self.num_classes}")
         if not 0 <= self.drop_path < 1 or self.head_init_scale <= 0:
@@ -46,7 +49,7 @@ class FinetuneDataConfig:
     reprob: float = 0.25  # random erasing probability
     min_scale: float = 0.08  # RandomResizedCrop scale (min_scale, 1)
     hflip: float = 0.5
-    mean: Optional[list[float]] = None  # None: ImageNet
+    mean: Optional[list[float]] = None  # one value per input channel; None: ImageNet's (grey for in_chans != 3)
     std: Optional[list[float]] = None
     digits_per_class: int = 10  # digits: labeled training images per class (a small labeled subset)
     digits_val: int = 500  # digits: held-out validation images (never in the labeled subset)
@@ -64,8 +67,8 @@ class FinetuneDataConfig:
         if not 0 <= self.hflip <= 1:
             raise ValueError(f"data.hflip must be in [0, 1], got {self.hflip}")
         for key, stats in (("data.mean", self.mean), ("data.std", self.std)):
-            if stats is not None and len(stats) != 3:
-                raise ValueError(f"{key} must have 3 values (fine-tuning uses RGB images), got {stats}")
+            if stats is not None and not stats:
+                raise ValueError(f"{key} is empty; give one value per input channel or leave it unset")
         if self.digits_per_class < 1 or not 10 <= self.digits_val <= 1797 - 10 * self.digits_per_class:
             raise ValueError("data.digits_per_class must be >= 1 and data.digits_val in [10, 1797 - 10 x per_class]")
 

@@ -29,10 +29,10 @@ def config(out, *extra):
     return load_config(FinetuneConfig, None, BASE + [f"output_dir={out}", *extra])
 
 
-def fcmae_checkpoint(path, name="convnextv2_atto"):
+def fcmae_checkpoint(path, name="convnextv2_atto", in_chans=3):
     torch.manual_seed(1)
-    model = FCMAE(name, decoder_dim=32, mask_ratio=0.5)
-    args = {"encoder_name": name, "in_chans": 3, "mask_ratio": 0.5, "decoder_dim": 32, "decoder_depth": 1,
+    model = FCMAE(name, decoder_dim=32, mask_ratio=0.5, in_chans=in_chans)
+    args = {"encoder_name": name, "in_chans": in_chans, "mask_ratio": 0.5, "decoder_dim": 32, "decoder_depth": 1,
             "norm_pix_loss": True}
     torch.save({"format": "fcmae", "version": 1, "model": model.state_dict(), "model_args": args}, path)
     return str(path)
@@ -143,6 +143,48 @@ def test_bad_inputs(data, tmp_path):
     assert main(["finetune", f"data.path={data}", "model.init=/nope.pt"]) == 2
     assert not os.path.exists(tmp_path / "c" / "last.pt")
 
+
+
+def test_greyscale_pretrained_finetunes_and_evaluates_on_one_channel(data, tmp_path, capsys):
+    """A 1-channel FCMAE checkpoint: in_chans comes from it, images are decoded grey (RandAugment included), the export
+    is a 1-channel timm model, and `fcmae eval` of it reproduces the fine-tune's top-1 on the same grey images."""
+    grey = fcmae_checkpoint(tmp_path / "grey.pt", in_chans=1)
+    summary = finetune(config(str(tmp_path / "ft"), f"data.path={data}", f"model.init={grey}", "optim.epochs=1"))
+    ckpt = torch.load(os.path.join(tmp_path, "ft", "last.pt"), weights_only=True)
+    assert ckpt["model_args"]["in_chans"] == 1
+    stem = ckpt["model"]["stem.0.weight"]
+    assert stem.shape == (40, 1, 4, 4)
+    exported = load_file(summary["exported"]["model"])
+    assert exported["stem.0.weight"].shape == (40, 1, 4, 4)
+    assert main(["eval", summary["exported"]["model"], f"data.path={data}", "data.image_size=64", "data.num_workers=0",
+                 "device=cpu"]) == 0
+    assert f"top-1 {summary['top1']:.2f}" in capsys.readouterr().out
+
+
+def test_channel_counts_without_a_pil_mode_from_scratch(data, tmp_path):
+    """in_chans=2 (no PIL mode): decoded grey, RandAugment on the grey image, repeated to 2 channels, then normalised."""
+    from fcmae.engine.distributed import DistInfo
+    from fcmae.finetune import FinetuneTask
+
+    task = FinetuneTask(config(str(tmp_path), f"data.path={data}", "model.in_chans=2"), DistInfo())
+    batch = next(iter(task.batches(0, 0)))
+    imgs = batch[0]
+    assert imgs.shape == (8, 2, 64, 64) and torch.equal(imgs[:, 0], imgs[:, 1])
+    assert task.model.stem[0].in_channels == 2
+    assert task.loss(task.model, batch, 0, 0).isfinite()  # mixup, model, soft-target loss
+
+
+def test_channel_mismatches_fail_before_training(data, tmp_path):
+    grey = fcmae_checkpoint(tmp_path / "grey.pt", in_chans=1)
+    with pytest.raises(ValueError, match="pretrained on 1-channel images, but model.in_chans=3"):
+        finetune(config(str(tmp_path / "a"), f"data.path={data}", f"model.init={grey}", "model.in_chans=3"))
+    with pytest.raises(ValueError, match="data.mean has 3 values but the model takes 1 input channels"):
+        finetune(config(str(tmp_path / "b"), f"data.path={data}", f"model.init={grey}", "data.mean=[0.5,0.5,0.5]"))
+    with pytest.raises(ValueError, match="RandAugment cannot transform 4-channel"):
+        finetune(config(str(tmp_path / "c"), f"data.path={data}", "model.in_chans=4"))
+    with pytest.raises(ValueError, match="in_chans=2 every channel is the same grey image"):
+        finetune(config(str(tmp_path / "d"), f"data.path={data}", "model.in_chans=2", "data.mean=[0.4,0.5]"))
+    assert not any(os.path.exists(tmp_path / d / "last.pt") for d in "abcd")
 
 # SPEC §3, written out: size -> (blr, wd, layer decay, scheme, epochs, warmup, drop path, mixup, cutmix, smoothing)
 RECIPES = {

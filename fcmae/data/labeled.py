@@ -1,6 +1,6 @@
 """Labeled train/val splits for fine-tuning: an ImageFolder pair (train/ and val/) or the built-in digits, with
 timm's train transform (RandomResizedCrop, flip, RandAugment, random erasing) and eval transform (resize to
-size / crop_pct, center crop)."""
+size / crop_pct, center crop), for any number of input channels (images are decoded as pretraining decodes them)."""
 from __future__ import annotations
 
 import os
@@ -13,7 +13,7 @@ from timm.data import create_transform
 
 from fcmae.data.digits import Digits
 from fcmae.data.folder import ImageFiles, imagefolder_samples, is_imagefolder
-from fcmae.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from fcmae.data.transforms import RepeatChannels, default_stats
 
 DIGIT_CLASSES = [str(i) for i in range(10)]
 
@@ -51,15 +51,47 @@ class python_seeded:
         np.random.set_state(self.states[1])
 
 
-def train_transform(cfg, mean, std):
-    return PythonSeeded(create_transform(
+def grey_stats(mean: list[float], std: list[float], in_chans: int) -> tuple[list[float], list[float]]:
+    """The stats timm's transform gets: one value for channel counts without a PIL mode (2, 5, ...), whose images are
+    decoded grey (`decode.target_mode`), transformed as one channel and repeated (`with_channels`)."""
+    if in_chans in (1, 3, 4):
+        return mean, std
+    if len(set(mean)) > 1 or len(set(std)) > 1:
+        raise ValueError(f"with model.in_chans={in_chans} every channel is the same grey image, so data.mean and "
+                         "data.std need one value repeated (or leave them unset)")
+    return mean[:1], std[:1]
+
+
+def with_channels(transform, in_chans: int):
+    """Append the (1, H, W) -> (in_chans, H, W) repeat for channel counts without a PIL mode."""
+    return transform if in_chans in (1, 3, 4) else type(transform)([*transform.transforms, RepeatChannels(in_chans)])
+
+
+def train_transform(cfg, mean, std, in_chans: int = 3):
+    if in_chans == 4 and cfg.auto_augment:
+        raise ValueError("timm's RandAugment cannot transform 4-channel (RGBA) images; set data.auto_augment=null")
+    mean, std = grey_stats(mean, std, in_chans)
+    return PythonSeeded(with_channels(create_transform(
         cfg.image_size, is_training=True, scale=(cfg.min_scale, 1.0), hflip=cfg.hflip, auto_augment=cfg.auto_augment,
-        interpolation="bicubic", re_prob=cfg.reprob, re_mode="pixel", re_count=1, mean=mean, std=std))
+        interpolation="bicubic", re_prob=cfg.reprob, re_mode="pixel", re_count=1, mean=mean, std=std), in_chans))
 
 
-def eval_transform(image_size: int, crop_pct: float, mean, std):
-    return create_transform(image_size, is_training=False, crop_pct=crop_pct, interpolation="bicubic",
-                            mean=mean, std=std)
+def eval_transform(image_size: int, crop_pct: float, mean, std, in_chans: int = 3):
+    mean, std = grey_stats(mean, std, in_chans)
+    return with_channels(create_transform(image_size, is_training=False, crop_pct=crop_pct, interpolation="bicubic",
+                                          mean=mean, std=std), in_chans)
+
+
+def normalization(cfg, in_chans: int) -> tuple[list[float], list[float]]:
+    """(mean, std) of a `data` section for `in_chans` channels: its own, else ImageNet's (grey for in_chans != 3).
+    ValueError, before any data is read, when the counts disagree."""
+    d_mean, d_std = default_stats(in_chans)
+    mean, std = cfg.mean or d_mean, cfg.std or d_std
+    for key, stats in (("data.mean", mean), ("data.std", std)):
+        if len(stats) != in_chans:
+            raise ValueError(f"{key} has {len(stats)} values but the model takes {in_chans} input channels; give "
+                             f"{in_chans} values or leave it unset")
+    return mean, std
 
 
 @dataclass
@@ -120,15 +152,17 @@ def subset(ds: ImageFiles, idx: list[int]) -> ImageFiles:
     return ds
 
 
-def build_splits(cfg, seed: int, train: bool = True) -> Splits:
-    """The labeled splits of a `data` section (FinetuneDataConfig); train=False builds only what eval needs."""
-    mean, std = cfg.mean or list(IMAGENET_MEAN), cfg.std or list(IMAGENET_STD)
-    train_tf = train_transform(cfg, mean, std) if train else None
-    eval_tf = eval_transform(cfg.image_size, cfg.crop_pct, mean, std)
+def build_splits(cfg, seed: int, train: bool = True, in_chans: int = 3) -> Splits:
+    """The labeled splits of a `data` section (FinetuneDataConfig) as `in_chans`-channel images; train=False builds
+    only what eval needs."""
+    mean, std = normalization(cfg, in_chans)
+    train_tf = train_transform(cfg, mean, std, in_chans) if train else None
+    eval_tf = eval_transform(cfg.image_size, cfg.crop_pct, mean, std, in_chans)
     fmt = "digits" if cfg.format == "digits" else "imagefolder"
     if fmt == "digits":
         tr, va = digits_split(cfg.digits_per_class, cfg.digits_val)
-        return Splits(subset(Digits(cfg.image_size, train_tf, 3, seed), tr), subset(Digits(cfg.image_size, eval_tf, 3), va),
+        return Splits(subset(Digits(cfg.image_size, train_tf, in_chans, seed), tr),
+                      subset(Digits(cfg.image_size, eval_tf, in_chans), va),
                       list(DIGIT_CLASSES), fmt, f"digits ({cfg.digits_per_class}/class labeled, {len(va)} val)")
     train_root, val_root = folder_pair(cfg)
     files, labels, classes = imagefolder_samples(train_root)
@@ -136,5 +170,5 @@ def build_splits(cfg, seed: int, train: bool = True) -> Splits:
     for root, f in ((train_root, files), (val_root, vfiles)):
         if not f:
             raise ValueError(f"no image files under {root!r}")
-    return Splits(ImageFiles(files, train_tf, 3, labels, seed), ImageFiles(vfiles, eval_tf, 3, vlabels),
+    return Splits(ImageFiles(files, train_tf, in_chans, labels, seed), ImageFiles(vfiles, eval_tf, in_chans, vlabels),
                   classes, fmt, f"{train_root} | {val_root}")
