@@ -14,9 +14,12 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
 
+PIL_MODES = {1: "L", 3: "RGB", 4: "RGBA"}  # channel counts that decode to their own PIL mode
+
+
 def target_mode(in_chans: int) -> str:
     """PIL mode decoded for `in_chans`: 1 -> L, 3 -> RGB, 4 -> RGBA, else L (replicated to in_chans later)."""
-    return {1: "L", 3: "RGB", 4: "RGBA"}.get(in_chans, "L")
+    return PIL_MODES.get(in_chans, "L")
 
 
 def to_8bit(img: Image.Image) -> Image.Image:

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from timm.data import create_transform
 
+from fcmae.data.decode import PIL_MODES
 from fcmae.data.digits import Digits
 from fcmae.data.folder import ImageFiles, imagefolder_samples, is_imagefolder
 from fcmae.data.transforms import RepeatChannels, default_stats
@@ -54,7 +55,7 @@ class python_seeded:
 def grey_stats(mean: list[float], std: list[float], in_chans: int) -> tuple[list[float], list[float]]:
     """The stats timm's transform gets: one value for channel counts without a PIL mode (2, 5, ...), whose images are
     decoded grey (`decode.target_mode`), transformed as one channel and repeated (`with_channels`)."""
-    if in_chans in (1, 3, 4):
+    if in_chans in PIL_MODES:
         return mean, std
     if len(set(mean)) > 1 or len(set(std)) > 1:
         raise ValueError(f"with model.in_chans={in_chans} every channel is the same grey image, so data.mean and "
@@ -64,7 +65,7 @@ def grey_stats(mean: list[float], std: list[float], in_chans: int) -> tuple[list
 
 def with_channels(transform, in_chans: int):
     """Append the (1, H, W) -> (in_chans, H, W) repeat for channel counts without a PIL mode."""
-    return transform if in_chans in (1, 3, 4) else type(transform)([*transform.transforms, RepeatChannels(in_chans)])
+    return transform if in_chans in PIL_MODES else type(transform)([*transform.transforms, RepeatChannels(in_chans)])
 
 
 def train_transform(cfg, mean, std, in_chans: int = 3):
