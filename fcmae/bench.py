@@ -103,15 +103,14 @@ def sync(device: torch.device) -> None:
 
 def conv_backward_flops(grad_out_shape, x_shape, w_shape, bias, stride, padding, dilation, transposed,
                         output_padding, groups, output_mask, out_shape=None, **kwargs) -> int:
-    """FLOPs of aten.convolution_backward (non-transposed): the forward's for each gradient asked for (input, weight).
+    """FLOPs of aten.convolution_backward: the forward's for each gradient asked for (input, weight).
 
     torch's own formula (2.14) ignores `groups` for the weight gradient, which counts a C-channel depthwise conv's
     weight gradient C times too high: atto's whole FCMAE step came out 2.4x too high at 96 px (tests/test_bench.py
     checks ours). The forward count is right (w_shape holds C_in/groups), and each gradient costs one forward.
     """
-    if transposed:
-        raise NotImplementedError("transposed convolutions are not counted")
-    return conv_flop_count(x_shape, w_shape, grad_out_shape) * (int(output_mask[0]) + int(output_mask[1]))
+    forward = conv_flop_count(x_shape, w_shape, grad_out_shape, transposed=transposed)
+    return forward * (int(output_mask[0]) + int(output_mask[1]))
 
 
 def count_flops() -> FlopCounterMode:
