@@ -65,7 +65,7 @@ def main() -> None:
     n_tr, n_va = len(tr), len(va)
     print(f"{args.model}, {args.image_size} px, digits {n_tr} train / {n_va} val, batch {args.batch_size}, "
           f"{args.threads} thread(s), best of {args.repeat}")
-    print(f"{'stage':<28} {'seconds':>8} {'img/s':>8}  share of the probe")
+    print(f"{'stage':<28} {'seconds':>8} {'img/s':>8}  vs the whole call")
     print(f"{'build splits (once)':<28} {t_split:8.3f}")
     for name, t, n in (("features train", t_tr, n_tr), ("features val", t_va, n_va), ("kNN vote", t_vote, None)):
         rate = f"{n / t:8.0f}" if n else " " * 8

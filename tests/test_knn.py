@@ -108,6 +108,9 @@ def test_probe_on_digits_equals_oracle_on_per_image_features():
     assert result.top1 == pytest.approx(100.0 * (pred == va_labels).mean())
     assert result.top1 > 20.0  # a random ConvNeXt already separates digits well above chance (10%)
     assert encoder.training is False
+    encoder.train()  # as in pretraining: the probe runs in eval mode and hands the encoder back in train mode
+    assert knn_probe(encoder, splits.train, splits.val, 10, torch.device("cpu"), batch_size=64).top1 == result.top1
+    assert encoder.training is True
 
 
 # --- the monitor in pretraining ---------------------------------------------------------------------------------
