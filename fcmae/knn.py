@@ -87,8 +87,8 @@ def knn_top1(train_feats: torch.Tensor, train_labels: torch.Tensor, val_feats: t
     if len(val_feats) == 0:
         raise ValueError("no val features to classify")
     scores = knn_scores(train_feats, train_labels, val_feats, num_classes, k, temperature, chunk)
-    pred = first_argmax(scores)
-    return 100.0 * (pred.cpu() == val_labels.cpu().long()).float().mean().item()
+    correct = int((first_argmax(scores).cpu() == val_labels.cpu().long()).sum())
+    return 100.0 * correct / len(val_feats)
 
 
 def first_argmax(scores: torch.Tensor) -> torch.Tensor:

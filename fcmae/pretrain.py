@@ -82,8 +82,6 @@ class PretrainTask:
             splits = probe_splits(self.cfg.monitor.data, self.cfg.model.in_chans)
         except ValueError as e:  # the keys live under monitor.data
             raise ValueError(str(e).replace("data.", "monitor.data.")) from None
-        print(f"kNN monitor: {splits.where} ({len(splits.train)} train / {len(splits.val)} val images, "
-              f"{len(splits.classes)} classes), every {self.cfg.monitor.every_epochs} epoch(s)", flush=True)
         return splits
 
     def knn(self) -> dict[str, float]:
@@ -130,6 +128,10 @@ def pretrain(cfg: PretrainConfig, on_loss: Callable[[int, torch.Tensor], torch.T
             print(f"fcmae pretrain: {cfg.model.name} ({cfg.model.backend}) on {task.data.format} {cfg.data.path or ''} "
                   f"({task.data.num_samples} images), {info.world_size} process(es) on {info.device}, global batch "
                   f"{cfg.data.batch_size}, {task.steps_per_epoch} steps/epoch -> {cfg.output_dir}", flush=True)
+            if task.monitor is not None:
+                s = task.monitor
+                print(f"kNN monitor: {s.where}: {len(s.train)} train / {len(s.val)} val images, {len(s.classes)} "
+                      f"classes, every {cfg.monitor.every_epochs} epoch(s) and after the last", flush=True)
         return train(cfg, task, info, on_loss=on_loss)
     finally:
         cleanup_distributed()

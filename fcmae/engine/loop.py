@@ -212,6 +212,7 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
                     if progress.step % cfg.checkpoint.every_steps == 0 and progress.epoch_step < spe:
                         save_checkpoint(os.path.join(out, ckpt_io.LAST), task, optimizer, scaler, progress, cfg, device)
             bar.close()
+            dt = time.time() - epoch_t0  # the epoch's training time: evaluation, checkpoints and probes left out
             progress.epoch, progress.epoch_step = epoch + 1, 0
             last = progress.epoch == o.epochs
             summary.update(epoch=progress.epoch, step=progress.step, loss=epoch_loss / max(1, epoch_steps))
@@ -228,7 +229,6 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
                     save_checkpoint(os.path.join(out, f"checkpoint-epoch{progress.epoch}.pt"), task, optimizer,
                                     scaler, progress, cfg, device)
                 extra = {**evaluated, **task.end_of_epoch(epoch, last)}
-                dt = time.time() - epoch_t0
                 logger.log("epoch", progress.step, epoch=progress.epoch, loss=summary["loss"], lr=lr,
                            img_per_s=epoch_steps * task.global_batch / dt, skipped=epoch_skipped, seconds=dt, **extra)
                 print(f"epoch {progress.epoch}/{o.epochs}  loss {summary['loss']:.4f}  lr {lr:.2e}  "
