@@ -217,3 +217,27 @@ def test_knn_command_on_a_timm_file_and_errors(tmp_path, capsys):
     assert "data.path is not set" in capsys.readouterr().err
     assert main(["knn", str(path), *data, "k=0"]) == 2
     assert "k must be >= 1" in capsys.readouterr().err
+
+
+def test_monitor_under_torchrun_two_processes(tmp_path, folder, plain_run):
+    """Rank 0 probes while rank 1 waits: no hang, one set of rows, and the weights of the unmonitored 1-process run."""
+    import socket
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "fcmae", "pretrain", *BASE, *MONITOR, f"output_dir={out}", f"data.path={folder}"]
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("kNN monitor: digits") == 1
+    assert [r["epoch"] for r in rows(out) if "knn_top1" in r] == [0, 1, 2]
+    got = torch.load(out / "last.pt", map_location="cpu", weights_only=True)["model"]
+    want = torch.load(os.path.join(plain_run, "last.pt"), map_location="cpu", weights_only=True)["model"]
+    for k, w in want.items():
+        torch.testing.assert_close(got[k], w, rtol=1e-4, atol=1e-5, msg=k)
