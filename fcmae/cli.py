@@ -5,11 +5,11 @@ import argparse
 import sys
 from importlib.metadata import entry_points
 
-from fcmae import bench, convert, demo, evaluate, finetune, pretrain, visualize
+from fcmae import bench, convert, demo, embed, evaluate, finetune, pretrain, probe, visualize
 from fcmae.data import write_shards
 from fcmae.engine.loop import NonFiniteLossError
 
-COMMANDS = [pretrain, finetune, evaluate, convert, visualize, write_shards, demo, bench]
+COMMANDS = [pretrain, finetune, evaluate, probe, embed, convert, visualize, write_shards, demo, bench]
 
 
 def plugin_commands() -> list:

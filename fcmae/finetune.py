@@ -36,9 +36,24 @@ FORMAT = "fcmae-finetune"  # header of finetune checkpoints (a timm state_dict u
 
 
 def build_classifier(name: str, num_classes: int, drop_path: float = 0.0, head_init_scale: float = 1.0,
-                     in_chans: int = 3) -> nn.Module:
+                     in_chans: int = 3, stem_stride: int = 4) -> nn.Module:
+    """timm's `name` (num_classes 0: no classifier, the pooled-feature model); stem_stride is timm's `patch_size`."""
     return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path,
-                             head_init_scale=head_init_scale, in_chans=in_chans)
+                             head_init_scale=head_init_scale, in_chans=in_chans, patch_size=stem_stride)
+
+
+def encoder_from_checkpoint(src: Any) -> tuple[nn.Module, Any]:
+    """Any checkpoint fcmae reads (a path or a loaded dict) -> (timm encoder with its weights, num_classes=0, in eval
+    mode; the EncoderWeights read). The model is built as fine-tuning builds it (`build_classifier`), so whatever
+    the file implies (size, in_chans, stem stride) holds here too."""
+    from convnextv2.checkpoint import load_encoder_weights, read_encoder
+    from convnextv2.checkpoint.convert import require_name
+
+    weights = read_encoder(src)
+    arch = weights.arch
+    model = build_classifier(require_name(arch), 0, in_chans=arch.in_chans, stem_stride=arch.patch_size)
+    load_encoder_weights(model, weights)
+    return model.eval(), weights
 
 
 def check_pretrained(path: str, name: str, in_chans: int | None = None) -> Any:

@@ -39,6 +39,7 @@ class PretrainTask:
         self.data = build_image_data(d, m.in_chans, self.micro_batch, cfg.optim.accum_steps, info, cfg.seed)
         self.steps_per_epoch = self.data.steps_per_epoch
         self.grid = (d.image_size // self.model.patch_size,) * 2
+        self.monitor = self.monitor_splits() if cfg.monitor.every_epochs and info.is_main else None
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         return param_groups(self.model, weight_decay, no_decay_names=["decoder.mask_token"])
@@ -72,10 +73,42 @@ class PretrainTask:
             "encoder_name": m.name, "in_chans": m.in_chans, "mask_ratio": m.mask_ratio,
             "decoder_dim": m.decoder_dim, "decoder_depth": m.decoder_depth, "norm_pix_loss": m.norm_pix_loss}}
 
+    # --- the kNN monitor (rank 0; SPEC §6) ------------------------------------------------------------------------
+    def monitor_splits(self):
+        """The monitor's labeled splits (eval transform on both), built now so a bad monitor.data fails early."""
+        from fcmae.knn import probe_splits
+
+        try:
+            splits = probe_splits(self.cfg.monitor.data, self.cfg.model.in_chans)
+        except ValueError as e:  # the keys live under monitor.data
+            raise ValueError(str(e).replace("data.", "monitor.data.")) from None
+        return splits
+
+    def knn(self) -> dict[str, float]:
+        """kNN top-1 of the live encoder (dense forward on full images), deterministic and RNG-neutral."""
+        from fcmae.engine.loop import amp_dtype
+        from fcmae.knn import knn_probe
+
+        mon, s = self.cfg.monitor, self.monitor
+        result = knn_probe(self.model.encoder, s.train, s.val, len(s.classes), self.info.device,
+                           mon.data.eval_batch_size, mon.data.num_workers, amp_dtype(self.cfg.amp, self.info.device),
+                           mon.k, mon.temperature)
+        return {"knn_top1": result.top1, "knn_seconds": round(result.seconds, 3)}
+
+    def start(self, resumed: bool) -> dict[str, Any]:
+        """Rank 0, before the first epoch of a fresh run: the random-init encoder's kNN, the monitor's baseline."""
+        return self.knn() if self.monitor is not None and not resumed else {}
+
     def end_of_epoch(self, epoch: int, last: bool) -> dict[str, Any]:
+        every = self.cfg.monitor.every_epochs
+        out = self.knn() if self.monitor is not None and ((epoch + 1) % every == 0 or last) else {}
+        self.save_reconstructions(epoch, last)
+        return out
+
+    def save_reconstructions(self, epoch: int, last: bool) -> None:
         every = self.cfg.log.vis_every_epochs
         if not every or not ((epoch + 1) % every == 0 or last):
-            return {}
+            return
         from fcmae.visualize import save_grid
 
         imgs = self.data.vis_images(self.cfg.log.vis_images).to(self.info.device)
@@ -83,7 +116,6 @@ class PretrainTask:
         mask = random_mask(len(imgs), self.grid, self.model.mask_ratio, generator=g).to(self.info.device)
         path = os.path.join(self.cfg.output_dir, f"reconstruction-epoch{epoch + 1}.png")
         save_grid(self.model, imgs, mask, self.data.mean, self.data.std, path)
-        return {}
 
 
 def pretrain(cfg: PretrainConfig, on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> dict:
@@ -96,6 +128,10 @@ def pretrain(cfg: PretrainConfig, on_loss: Callable[[int, torch.Tensor], torch.T
             print(f"fcmae pretrain: {cfg.model.name} ({cfg.model.backend}) on {task.data.format} {cfg.data.path or ''} "
                   f"({task.data.num_samples} images), {info.world_size} process(es) on {info.device}, global batch "
                   f"{cfg.data.batch_size}, {task.steps_per_epoch} steps/epoch -> {cfg.output_dir}", flush=True)
+            if task.monitor is not None:
+                s = task.monitor
+                print(f"kNN monitor: {s.where}: {len(s.train)} train / {len(s.val)} val images, {len(s.classes)} "
+                      f"classes, every {cfg.monitor.every_epochs} epoch(s) and after the last", flush=True)
         return train(cfg, task, info, on_loss=on_loss)
     finally:
         cleanup_distributed()

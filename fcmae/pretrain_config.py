@@ -7,6 +7,7 @@ from typing import Literal, Optional
 from convnextv2.backends import BACKENDS
 from convnextv2.encoder import MODEL_NAMES
 from fcmae.engine.config import RunConfig, check_global_batch, world_size_from_env
+from fcmae.finetune_config import FinetuneDataConfig
 
 PATCH = 32  # mask patch side of the standard ConvNeXt V2 (total stride)
 
@@ -63,14 +64,38 @@ class DataConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """kNN probe of the encoder on a labeled set during pretraining (SPEC §6). Off unless every_epochs > 0."""
+    every_epochs: int = 0  # after every N epochs (and the last); also once before the first epoch. 0 = off
+    k: int = 20  # neighbours that vote
+    temperature: float = 0.07  # vote weight exp(cosine / temperature)
+    # the labeled set, described as fine-tuning's `data` section (its eval keys: path or train_path + val_path, or
+    # format=digits with digits_per_class / digits_val; image_size, crop_pct, mean, std, eval_batch_size, num_workers)
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+
+    def check(self) -> None:
+        if self.every_epochs < 0:
+            raise ValueError(f"monitor.every_epochs must be >= 0 (0 = off), got {self.every_epochs}")
+        if self.k < 1 or self.temperature <= 0:
+            raise ValueError(f"monitor.k must be >= 1 and monitor.temperature > 0, got {self.k}, {self.temperature}")
+        if self.every_epochs:
+            try:
+                self.data.check()
+            except ValueError as e:  # name the section: these keys live under monitor.data
+                raise ValueError(str(e).replace("data.", "monitor.data.")) from None
+
+
+@dataclass
 class PretrainConfig(RunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def check(self) -> None:
         super().check()
         self.model.check()
         self.data.check()
+        self.monitor.check()
         for key, stats in (("data.mean", self.data.mean), ("data.std", self.data.std)):
             if stats is not None and len(stats) != self.model.in_chans:
                 raise ValueError(f"{key} has {len(stats)} values but model.in_chans={self.model.in_chans}")

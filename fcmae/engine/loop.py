@@ -57,10 +57,17 @@ class Task(Protocol):
     #                                             returns metrics (the loop puts the model back in train mode)
     #   extra_state() -> dict                     entries added to every training checkpoint (EMA weights, best)
     #   load_extra_state(state: dict) -> None     on resume, with the whole checkpoint
+    #   start(resumed: bool) -> dict[str, Any]    rank 0, once before training; metrics logged as epoch 0 (e.g. a
+    #                                             baseline of the untrained model; the task skips it on resume)
 
 
 def _hook(task: Task, name: str) -> Callable | None:
     return getattr(task, name, None)
+
+
+def _format_metrics(metrics: dict[str, Any]) -> str:
+    """The epoch line's tail: '  name value' for every float metric (timings left out)."""
+    return "".join(f"  {k} {v:.2f}" for k, v in metrics.items() if isinstance(v, float) and not k.endswith("seconds"))
 
 
 @dataclass
@@ -144,8 +151,14 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
     lr = cosine_lr(progress.step, total_steps, warmup_steps, base_lr, o.min_lr)
     run_t0, run_steps0 = time.time(), progress.step
     after_step, evaluate = _hook(task, "after_step"), _hook(task, "evaluate")
-    model.train()
+    start = _hook(task, "start")
     try:
+        if main and start is not None:
+            baseline = start(bool(path))
+            if baseline:
+                logger.log("epoch", progress.step, epoch=progress.epoch, **baseline)
+                print(f"epoch {progress.epoch}/{o.epochs}" + _format_metrics(baseline), flush=True)
+        model.train()
         while progress.epoch < o.epochs:
             epoch = progress.epoch
             batches = iter(task.batches(epoch, progress.epoch_step * accum))
@@ -199,6 +212,7 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
                     if progress.step % cfg.checkpoint.every_steps == 0 and progress.epoch_step < spe:
                         save_checkpoint(os.path.join(out, ckpt_io.LAST), task, optimizer, scaler, progress, cfg, device)
             bar.close()
+            dt = time.time() - epoch_t0  # the epoch's training time: evaluation, checkpoints and probes left out
             progress.epoch, progress.epoch_step = epoch + 1, 0
             last = progress.epoch == o.epochs
             summary.update(epoch=progress.epoch, step=progress.step, loss=epoch_loss / max(1, epoch_steps))
@@ -215,13 +229,11 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
                     save_checkpoint(os.path.join(out, f"checkpoint-epoch{progress.epoch}.pt"), task, optimizer,
                                     scaler, progress, cfg, device)
                 extra = {**evaluated, **task.end_of_epoch(epoch, last)}
-                dt = time.time() - epoch_t0
                 logger.log("epoch", progress.step, epoch=progress.epoch, loss=summary["loss"], lr=lr,
                            img_per_s=epoch_steps * task.global_batch / dt, skipped=epoch_skipped, seconds=dt, **extra)
                 print(f"epoch {progress.epoch}/{o.epochs}  loss {summary['loss']:.4f}  lr {lr:.2e}  "
                       f"{epoch_steps * task.global_batch / dt:.0f} img/s  skipped {epoch_skipped}  ({dt:.1f}s)"
-                      + "".join(f"  {k} {v:.2f}" for k, v in evaluated.items() if isinstance(v, float)),
-                      flush=True)
+                      + _format_metrics(extra), flush=True)
     finally:
         logger.close()
     summary.setdefault("step", progress.step)
