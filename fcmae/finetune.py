@@ -240,7 +240,8 @@ def finetune(cfg: FinetuneConfig, on_loss: Callable[[int, torch.Tensor], torch.T
         torch.manual_seed(derive_seed(cfg.seed, info.rank))
         task = FinetuneTask(cfg, info, resumed=resume[1] if resume is not None else None)
         if info.is_main:
-            init = "from scratch" if cfg.model.init == "none" else f"from {cfg.model.init}"
+            init = ("from scratch" if cfg.model.init == "none" else f"from {cfg.model.init}"
+                    if resume is None else "resuming (model.init not read)")
             print(f"fcmae finetune: {cfg.model.name} {init}, {task.num_classes} classes, {task.splits.where} "
                   f"({len(task.splits.train)} train / {len(task.splits.val)} val images), {info.world_size} "
                   f"process(es) on {info.device}, global batch {cfg.data.batch_size}, {task.steps_per_epoch} "

@@ -143,6 +143,8 @@ def pretrain(cfg: PretrainConfig, on_loss: Callable[[int, torch.Tensor], torch.T
                   f"{cfg.data.batch_size}, {task.steps_per_epoch} steps/epoch -> {cfg.output_dir}", flush=True)
             if task.init_info is not None:
                 print(f"initial weights from {cfg.model.init}: {task.init_info}", flush=True)
+            elif cfg.model.init != "none":
+                print(f"model.init={cfg.model.init} is not read: the run resumes from its checkpoint", flush=True)
         return train(cfg, task, info, on_loss=on_loss, resume=resume)
     finally:
         cleanup_distributed()

@@ -148,7 +148,7 @@ def test_cli_diverging_run_exits_3_with_message(tmp_path, folder, capsys):
     status = main(["pretrain", *BASE, f"output_dir={tmp_path}", f"data.path={folder}", "optim.lr=1e30", "optim.epochs=1"])
     assert status == 3
     err = capsys.readouterr().err
-    assert "loss is nan at epoch 1, step 1" in err and "rerun starts afresh" in err
+    assert "loss is nan at epoch 1, step 1" in err and "no checkpoint from before the divergence" in err
     assert not (tmp_path / "last.pt").exists()  # step 1's weights gave the NaN and no earlier checkpoint exists
 
 

@@ -128,11 +128,12 @@ def test_resumed_epoch_mean_and_rows_equal_uninterrupted(folder, reference, tmp_
         pretrain(config(out, folder, "checkpoint.every_steps=2"), on_loss=die_at_step_5)
     assert state(os.path.join(out, "last.pt"))["step"] == 4
     assert [r["step"] for r in rows(out, "step")] == [1, 2, 3, 4, 5]
-    summary = pretrain(config(out, folder, "checkpoint.every_steps=2"))
+    summary = pretrain(config(out, folder, "checkpoint.every_steps=2", "log.tensorboard=true"))  # tb: purge_step
     want = rows(reference, "epoch")
     assert summary["loss"] == want[-1]["loss"]  # exact: the running sums came back with the checkpoint
     assert [(r["epoch"], r["loss"]) for r in rows(out, "epoch")] == [(r["epoch"], r["loss"]) for r in want]
     assert [(r["step"], r["loss"]) for r in rows(out, "step")] == [(r["step"], r["loss"]) for r in rows(reference, "step")]
+    assert os.listdir(os.path.join(out, "tb"))
 
 
 # --- item 7: the NaN stop leaves a checkpoint a lower lr can resume from ------------------------------------------

@@ -116,11 +116,12 @@ def _diverged(out: str, epoch: int, step: int, loss: float, last_step: int | Non
     if last_step == step:  # last.pt holds the weights that produced the non-finite loss: not a place to resume
         kept = ckpt_io.rollback_last(out)
         where = (f"{last} was rolled back to the checkpoint before it (step {kept}), whose weights gave a finite loss"
-                 if kept is not None else "no checkpoint from before the divergence exists, so a rerun starts afresh")
+                 if kept is not None else
+                 "no checkpoint from before the divergence exists, so a rerun starts where this run started")
     elif last_step is not None:
         where = f"{last} (step {last_step}) is kept: its weights gave a finite loss"
     else:
-        where = "no checkpoint was written yet, so a rerun starts afresh"
+        where = "this run wrote no checkpoint yet, so a rerun starts where this run started"
     return NonFiniteLossError(
         f"loss is {loss} at epoch {epoch + 1}, step {step}; stopped before the optimizer step; {where}. Lower "
         "optim.lr (or optim.blr), raise optim.warmup_epochs or set optim.clip_grad, then rerun the same command "
