@@ -155,7 +155,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "pretrain", help="FCMAE pretraining (resumes automatically in the same output_dir)",
         description="Pretrain a ConvNeXt V2 encoder with FCMAE. Example: fcmae pretrain --config "
         "configs/pretrain/tiny.yaml data.path=/data/train output_dir=runs/tiny. Multi-GPU: torchrun "
-        "--nproc_per_node=8 -m fcmae pretrain ... (data.batch_size is the GLOBAL batch).",
+        "--nproc_per_node=8 -m fcmae pretrain ... (data.batch_size is the GLOBAL batch). Start from released weights "
+        "with model.init=FILE (any format fcmae convert reads); rerunning resumes from output_dir/last.pt.",
     )
     add_config_arguments(p, "YAML file (configs/pretrain/<size>.yaml)", "optim.epochs=100 data.path=/data")
     p.set_defaults(func=run)

@@ -182,6 +182,8 @@ def test_pretrain_model_init_loads_encoder_and_decoder(folder, tmp_path):
                         init_distributed("cpu"))
     assert torch.equal(task.model.state_dict()["encoder.stem.0.weight"], src["encoder.stem.0.weight"])
     assert "decoder: fresh" in task.init_info
+    with pytest.raises(ValueError, match="model.init='/no/such.pt' is not a file"):
+        config(tmp_path / "new", folder, "model.init=/no/such.pt")
 
 
 def test_continue_from_converted_weights_cli(folder, tmp_path, capsys):
