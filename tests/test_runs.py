@@ -238,3 +238,22 @@ def test_nan_stop_without_checkpoint_says_rerun_starts_afresh(folder, tmp_path):
     with pytest.raises(NonFiniteLossError, match="no checkpoint from before the divergence"):
         pretrain(config(out, folder, "optim.lr=1e12"))
     assert not os.path.exists(os.path.join(out, "last.pt"))
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_last_keeps_previous_and_rolls_back(tmp_path, monkeypatch, hard_links):
+    from fcmae.engine import checkpoint as ckpt_io
+
+    if not hard_links:
+        def no_link(*a):
+            raise OSError("no hard links here")
+        monkeypatch.setattr(os, "link", no_link)
+    last = str(tmp_path / "last.pt")
+    ckpt_io.save_last({"step": 1}, last)
+    assert not (tmp_path / "previous.pt").exists()
+    ckpt_io.save_last({"step": 2}, last)
+    assert state(tmp_path / "previous.pt")["step"] == 1 and state(last)["step"] == 2
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "previous.pt"]  # no temp files left
+    assert ckpt_io.rollback_last(str(tmp_path)) == 1
+    assert state(last)["step"] == 1 and not (tmp_path / "previous.pt").exists()
+    assert ckpt_io.rollback_last(str(tmp_path)) is None and not os.path.exists(last)

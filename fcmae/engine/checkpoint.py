@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -28,16 +29,16 @@ def save_atomic(obj: dict[str, Any], path: str) -> None:
 
 
 def save_last(obj: dict[str, Any], path: str) -> None:
-    """save_atomic onto {folder}/last.pt, first keeping the file it replaces as previous.pt (a hard link: no copy)."""
+    """save_atomic onto {folder}/last.pt, first keeping the file it replaces as previous.pt (a hard link where the
+    filesystem has them, else a copy)."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isfile(path):
         tmp = os.path.join(folder, f".{PREVIOUS}{TMP_MARK}{os.getpid()}")
         try:
             os.link(path, tmp)
-        except OSError:  # no hard links on this filesystem: keep no previous checkpoint
-            pass
-        else:
-            os.replace(tmp, os.path.join(folder, PREVIOUS))
+        except OSError:  # a filesystem without hard links: copy
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, os.path.join(folder, PREVIOUS))
     save_atomic(obj, path)
 
 
