@@ -73,6 +73,7 @@ class Progress:
     # running sums of the epoch in progress, saved in checkpoints so a resumed epoch's mean covers all its steps
     epoch_loss: float = 0.0
     epoch_skipped: int = 0
+    epoch_counted: int = 0  # steps in those sums (fewer than epoch_step after resuming an older checkpoint)
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -92,7 +93,7 @@ def save_checkpoint(path: str, task: Task, optimizer, scaler, progress: Progress
         "epoch": progress.epoch,
         "epoch_step": progress.epoch_step,
         "step": progress.step,
-        "epoch_sums": {"loss": progress.epoch_loss, "skipped": progress.epoch_skipped},
+        "epoch_sums": {"loss": progress.epoch_loss, "skipped": progress.epoch_skipped, "steps": progress.epoch_counted},
         "rng": {**ckpt_io.rng_state(device), "seed": torch.tensor(cfg.seed)},
         "config": to_dict(cfg),
     }
@@ -167,6 +168,7 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
         sums = state.get("epoch_sums")
         if progress.epoch_step and sums:
             progress.epoch_loss, progress.epoch_skipped = float(sums["loss"]), int(sums["skipped"])
+            progress.epoch_counted = int(sums["steps"])
         last_step = progress.step if os.path.abspath(path) == os.path.abspath(os.path.join(out, ckpt_io.LAST)) \
             else None
         if main and "rng" in state:  # only rank 0's state is saved; others keep their per-rank seeds
@@ -237,6 +239,7 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
                 skipped = int(stats[1].item())
                 progress.epoch_loss += step_loss
                 progress.epoch_skipped += skipped
+                progress.epoch_counted += 1
                 epoch_steps += 1
                 ips = task.global_batch / max(time.time() - step_t0, 1e-9)
                 if main:
@@ -250,8 +253,8 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
                         save_checkpoint(os.path.join(out, ckpt_io.LAST), task, optimizer, scaler, progress, cfg, device)
                         last_step = progress.step
             bar.close()
-            epoch_loss, epoch_skipped = progress.epoch_loss / spe, progress.epoch_skipped
-            progress.epoch, progress.epoch_step, progress.epoch_loss, progress.epoch_skipped = epoch + 1, 0, 0.0, 0
+            epoch_loss, epoch_skipped = progress.epoch_loss / max(1, progress.epoch_counted), progress.epoch_skipped
+            progress = Progress(epoch + 1, 0, progress.step)  # the next epoch's sums start at zero
             last = progress.epoch == o.epochs
             summary.update(epoch=progress.epoch, step=progress.step, loss=epoch_loss)
             summary["skipped"] += epoch_skipped
