@@ -132,6 +132,9 @@ def test_mask_ratio_checked_against_the_patch_grid_before_anything(tmp_path, ima
     line = one_line(capsys.readouterr().err, "data.image_size=32 gives one 32x32 mask patch", "data.image_size >= 64")
     assert "lower ratio" not in line
     assert not out.exists()
+    from fcmae.masking import num_visible
+    with pytest.raises(ValueError, match="cannot be both masked and visible, whatever the mask ratio"):
+        num_visible(1, 0.1)  # the library says the same to a direct caller
     # the advised bound is right: 0.75 works at 64 px
     assert load_config(PretrainConfig, None, SMALL + ["data.path=/x", "model.mask_ratio=0.75"]).model.mask_ratio == 0.75
 
