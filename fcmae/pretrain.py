@@ -16,7 +16,7 @@ from fcmae.config import add_config_arguments, load_config
 from fcmae.engine.config import check_global_batch
 from fcmae.engine.distributed import DistInfo, cleanup_distributed, init_distributed
 from fcmae.engine.loop import train
-from fcmae.engine.resume import prepare_resume
+from fcmae.engine.resume import complete, complete_message, prepare_resume
 from fcmae.engine.optim import param_groups
 from fcmae.engine.seeds import derive_seed
 from fcmae.masking import random_mask
@@ -133,6 +133,10 @@ class PretrainTask:
 def pretrain(cfg: PretrainConfig, on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Run (or resume) a pretraining; joins/leaves the process group when WORLD_SIZE > 1. Returns the summary."""
     resume = prepare_resume(cfg.output_dir, cfg.resume, checkpoint_header(cfg))  # before data, files and devices
+    if resume is not None and complete(resume[1], cfg.optim.epochs):  # a finished run: no data to load
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(complete_message(cfg.output_dir, resume[1], cfg.optim.epochs), flush=True)
+        return {"epoch": resume[1]["epoch"], "step": resume[1]["step"], "skipped": 0, "complete": True}
     info = init_distributed(cfg.device)
     try:
         torch.manual_seed(derive_seed(cfg.seed, info.rank))  # per-rank seed for anything not derived explicitly

@@ -108,6 +108,7 @@ def test_rerun_of_finished_run_says_complete_then_extends(finished, folder, tmp_
     printed = capsys.readouterr().out
     assert f"the run in {out} is complete (1 epochs, step 3" in printed
     assert "last.pt" in printed and "metrics.jsonl" in printed and "larger optim.epochs" in printed
+    assert "steps/epoch" not in printed  # found before the data was loaded
     assert snapshot(out) == before  # nothing rewritten
     # more epochs and other log settings are not another model: the run continues
     assert main(["pretrain", *BASE, f"output_dir={out}", f"data.path={folder}", "optim.epochs=2",
@@ -208,7 +209,7 @@ def test_continue_from_converted_weights_cli(folder, tmp_path, capsys):
 
 
 # --- item 5: a fine-tune resumes once its model.init file is gone -------------------------------------------------
-def test_finetune_resumes_without_its_init_file(tmp_path):
+def test_finetune_resumes_without_its_init_file(tmp_path, capsys):
     data = tmp_path / "data"
     make_imagefolder(str(data / "train"), classes=3, per_class=8, seed=0, size=72)
     make_imagefolder(str(data / "val"), classes=3, per_class=4, seed=1, size=72)
@@ -227,6 +228,9 @@ def test_finetune_resumes_without_its_init_file(tmp_path):
     os.remove(init)
     summary = finetune(load_config(FinetuneConfig, None, args))
     assert summary["step"] == 3 and os.path.isfile(os.path.join(out, "model.safetensors"))
+    again = finetune(load_config(FinetuneConfig, None, args))  # finished: says so, trains nothing
+    assert again["complete"] and again["step"] == 3
+    assert f"the run in {out} is complete" in capsys.readouterr().out
     # a new run still needs the file: one clear error
     with pytest.raises(ValueError, match="model.init=.* is not a file"):
         load_config(FinetuneConfig, None, FT + [f"output_dir={tmp_path / 'new'}", f"data.path={data}",

@@ -28,7 +28,7 @@ from fcmae.engine.config import RunConfig
 from fcmae.engine.distributed import DistInfo, all_reduce_sum
 from fcmae.engine.metrics import MetricsLogger, format_eta, progress_bar
 from fcmae.engine.optim import build_adamw, cosine_lr, scaled_lr, set_lr
-from fcmae.engine.resume import check_same_run, prepare_resume
+from fcmae.engine.resume import check_same_run, complete, complete_message, prepare_resume
 
 
 class NonFiniteLossError(RuntimeError):
@@ -106,11 +106,6 @@ def save_checkpoint(path: str, task: Task, optimizer, scaler, progress: Progress
         ckpt_io.save_atomic(state, path)
 
 
-def _outputs(out: str, limit: int = 12) -> str:
-    names = sorted(n for n in os.listdir(out) if not n.startswith("."))
-    return ", ".join(names[:limit]) + (f" ... ({len(names)} entries)" if len(names) > limit else "")
-
-
 def _diverged(out: str, epoch: int, step: int, loss: float, last_step: int | None) -> NonFiniteLossError:
     """The NaN stop: roll last.pt back when its own weights gave this loss, and say what a rerun resumes from."""
     last = os.path.join(out, ckpt_io.LAST)
@@ -173,11 +168,9 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
             else None
         if main and "rng" in state:  # only rank 0's state is saved; others keep their per-rank seeds
             ckpt_io.set_rng_state(state["rng"], device)
-        if progress.epoch >= o.epochs:  # nothing to train: say so rather than touch the run's files
+        if complete(state, o.epochs):  # nothing to train: say so rather than touch the run's files
             if main:
-                print(f"nothing to train: the run in {out} is complete ({progress.epoch} epochs, step "
-                      f"{progress.step}; optim.epochs={o.epochs}). Its outputs: {_outputs(out)}. To train longer, "
-                      "rerun with a larger optim.epochs; for a new run, choose another output_dir.", flush=True)
+                print(complete_message(out, state, o.epochs), flush=True)
             return {"epoch": progress.epoch, "step": progress.step, "skipped": 0, "complete": True}
         if main:
             print(f"resumed from {path}: epoch {progress.epoch}, step {progress.step}", flush=True)

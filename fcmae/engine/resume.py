@@ -69,3 +69,17 @@ def prepare_resume(output_dir: str, resume: str | None, header: dict[str, Any]) 
     state = read_training_checkpoint(path, explicit=bool(resume))
     check_same_run(state, header, path, explicit=bool(resume))
     return path, state
+
+
+def complete(state: dict[str, Any], epochs: int) -> bool:
+    """True when the checkpoint has trained all `epochs` (a rerun has nothing to do)."""
+    return int(state["epoch"]) >= epochs
+
+
+def complete_message(output_dir: str, state: dict[str, Any], epochs: int, limit: int = 12) -> str:
+    """What a rerun of a finished run says: that it is complete, where its outputs are, how to go on."""
+    names = sorted(n for n in os.listdir(output_dir) if not n.startswith("."))
+    listing = ", ".join(names[:limit]) + (f" ... ({len(names)} entries)" if len(names) > limit else "")
+    return (f"nothing to train: the run in {output_dir} is complete ({state['epoch']} epochs, step {state['step']}; "
+            f"optim.epochs={epochs}). Its outputs: {listing}. To train longer, rerun with a larger optim.epochs; "
+            "for a new run, choose another output_dir.")
