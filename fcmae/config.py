@@ -28,13 +28,25 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp` (int, float, bool, str, Literal, Optional, list/tuple, dataclass)."""
+def _yaml_error(e: yaml.YAMLError, where: str) -> ValueError:
+    """A YAML syntax error as one line: what, where (line/column), and the fix."""
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    mark = getattr(e, "problem_mark", None)
+    at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return ValueError(f"{where} is not valid YAML ({problem}{at}); fix the syntax (quote values holding [ ] {{ }} : #)")
+
+
+def _coerce(value: Any, tp: Any, key: str, raw: dict[str, str] | None = None) -> Any:
+    """Check `value` against the annotation `tp` (int, float, bool, str, Literal, Optional, list/tuple, dataclass).
+
+    raw: dotted key -> the text of a command-line override; a str key takes that text as is (`output_dir=2024` is
+    the folder "2024", not YAML's int).
+    """
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ValueError(f"config key {key!r} is a section; give a mapping of its keys, not {value!r}")
-        return from_dict(tp, value, prefix=f"{key}.")
+        return from_dict(tp, value, prefix=f"{key}.", raw=raw)
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
@@ -47,10 +59,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
-                return _coerce(value, arg, key)
+                return _coerce(value, arg, key, raw)
             except ValueError as e:
                 errors.append(str(e))
-        raise ValueError(f"config key {key!r} = {value!r} has the wrong type; expected {_type_name(tp)}")
+        raise ValueError(f"config key {key!r} = {value!r} has the wrong type; expected {_type_name(tp)}"
+                         + (_quote_hint(key, value) if str in args else ""))
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"config key {key!r} = {value!r} must be a list ({_type_name(tp)})")
@@ -80,11 +93,23 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
-    raise ValueError(f"config key {key!r} = {value!r} has the wrong type; expected {_type_name(tp)}")
+        if raw is not None and key in raw and isinstance(value, (int, float, bool)):
+            return raw[key]
+    raise ValueError(f"config key {key!r} = {value!r} has the wrong type; expected {_type_name(tp)}"
+                     + (_quote_hint(key, value) if tp is str else ""))
 
 
-def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass `cls` from a nested dict; missing keys keep their defaults."""
+def _quote_hint(key: str, value: Any) -> str:
+    """YAML reads 2024, 1e3, on/off/yes/no/true/false unquoted as numbers and booleans: say how to keep the text."""
+    if not isinstance(value, (int, float, bool)):
+        return ""
+    leaf = key.rsplit(".", 1)[-1]
+    return (f" (YAML read the unquoted value as {type(value).__name__}); to mean the text, quote it in the YAML "
+            f"file, e.g. {leaf}: \"...\"")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", raw: dict[str, str] | None = None) -> T:
+    """Build dataclass `cls` from a nested dict; missing keys keep their defaults. raw: see `_coerce`."""
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -93,7 +118,7 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             f"{', '.join(sorted(fields))}"
         )
     hints = get_type_hints(cls)
-    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
+    kwargs = {name: _coerce(value, hints[name], prefix + name, raw) for name, value in data.items()}
     return cls(**kwargs)
 
 
@@ -115,7 +140,10 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} must look like section.key=value (e.g. optim.epochs=10)")
-        value = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise _yaml_error(e, f"override {item!r}") from None
         node = out
         *parents, leaf = key.strip().split(".")
         for part in parents:
@@ -141,11 +169,17 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
         if not os.path.isfile(path):
             raise ValueError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            try:
+                data = yaml.safe_load(f)
+            except yaml.YAMLError as e:
+                raise _yaml_error(e, f"config file {str(path)!r}") from None
+        data = {} if data is None else data
         if not isinstance(data, dict):
-            raise ValueError(f"config file {str(path)!r} must hold a mapping of keys, got {type(data).__name__}")
+            raise ValueError(f"config file {str(path)!r} must hold a mapping of keys (key: value lines), got "
+                             f"{type(data).__name__} {data!r}")
     data = merge(data, parse_overrides(overrides or []))
-    cfg = from_dict(cls, data)
+    raw = {key.strip(): text.strip() for key, sep, text in (o.partition("=") for o in overrides or []) if sep}
+    cfg = from_dict(cls, data, raw=raw)
     check = getattr(cfg, "check", None)
     if callable(check):
         check()

@@ -27,6 +27,7 @@ from fcmae.engine import checkpoint as ckpt_io
 from fcmae.engine.config import check_global_batch
 from fcmae.engine.distributed import DistInfo, cleanup_distributed, init_distributed
 from fcmae.engine.loop import amp_dtype, train
+from fcmae.engine.resume import prepare_resume
 from fcmae.engine.seeds import derive_seed
 from fcmae.finetune_config import FinetuneConfig
 from fcmae.layer_decay import param_groups
@@ -97,13 +98,19 @@ def val_loader(dataset, batch_size: int, num_workers: int, info: DistInfo) -> Da
 
 
 class FinetuneTask:
-    """Classification fine-tuning as a `fcmae.engine.loop.Task` (with the evaluate / EMA / extra-state hooks)."""
+    """Classification fine-tuning as a `fcmae.engine.loop.Task` (with the evaluate / EMA / extra-state hooks).
 
-    def __init__(self, cfg: FinetuneConfig, info: DistInfo):
+    resumed: the header of the checkpoint the run resumes from; the weights come from it, so model.init is not read
+    (it may be gone) and the input channels are the checkpoint's."""
+
+    def __init__(self, cfg: FinetuneConfig, info: DistInfo, resumed: dict[str, Any] | None = None):
         self.cfg, self.info = cfg, info
         m, d, a = cfg.model, cfg.data, cfg.aug
-        weights = check_pretrained(m.init, m.name, m.in_chans) if m.init != "none" else None  # fails before data
-        self.in_chans = m.in_chans or (weights.arch.in_chans if weights is not None else 3)
+        weights = None
+        if m.init != "none" and resumed is None:
+            weights = check_pretrained(m.init, m.name, m.in_chans)  # fails before data
+        resumed_chans = ((resumed or {}).get("model_args") or {}).get("in_chans")
+        self.in_chans = m.in_chans or resumed_chans or (weights.arch.in_chans if weights is not None else 3)
         self.splits = build_splits(d, cfg.seed, in_chans=self.in_chans)
         self.classes = self.splits.classes
         k = len(self.classes)
@@ -240,19 +247,23 @@ class FinetuneTask:
 def finetune(cfg: FinetuneConfig, on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Run (or resume) a fine-tuning; joins/leaves the process group when WORLD_SIZE > 1. Returns the summary
     (last epoch's loss, top1/top5/ema_top1/ema_top5, best_top1/best_ema_top1, exported files)."""
+    header = {"format": FORMAT, "model_args": {"name": cfg.model.name, "num_classes": cfg.model.num_classes,
+                                               "in_chans": cfg.model.in_chans}}
+    resume = prepare_resume(cfg.output_dir, cfg.resume, header)  # before data, files and devices
     info = init_distributed(cfg.device)
     try:
         torch.manual_seed(derive_seed(cfg.seed, info.rank))
-        task = FinetuneTask(cfg, info)
+        task = FinetuneTask(cfg, info, resumed=resume[1] if resume is not None else None)
         if info.is_main:
-            init = "from scratch" if task.load_info is None else f"from {cfg.model.init}"
+            init = ("from scratch" if cfg.model.init == "none" else f"from {cfg.model.init}"
+                    if resume is None else "resuming (model.init not read)")
             print(f"fcmae finetune: {cfg.model.name} {init}, {task.num_classes} classes, {task.splits.where} "
                   f"({len(task.splits.train)} train / {len(task.splits.val)} val images), {info.world_size} "
                   f"process(es) on {info.device}, global batch {cfg.data.batch_size}, {task.steps_per_epoch} "
                   f"steps/epoch -> {cfg.output_dir}", flush=True)
             if task.load_info is not None:
                 print(f"pretrained weights: {task.load_info.summary()}", flush=True)
-        summary = train(cfg, task, info, on_loss=on_loss)
+        summary = train(cfg, task, info, on_loss=on_loss, resume=resume)
         if info.is_main:
             summary["exported"] = task.export()
             print(f"best top-1 {task.best['top1']:.2f} (epoch {task.best['epoch']})"

@@ -24,8 +24,6 @@ class FinetuneModelConfig:
             raise ValueError(f"model.name={self.name!r} is not valid; choose one of: {', '.join(MODEL_NAMES)}")
         if not self.init:
             raise ValueError("model.init is empty; give a checkpoint file or 'none' (train from scratch)")
-        if self.init != "none" and not os.path.isfile(self.init):
-            raise ValueError(f"model.init={self.init!r} is not a file; give a pretrained checkpoint or 'none'")
         if self.in_chans is not None and self.in_chans < 1:
             raise ValueError(f"model.in_chans must be >= 1 or null (the pretrained checkpoint's), got {self.in_chans}")
         if self.num_classes is not None and self.num_classes < 1:
@@ -132,6 +130,8 @@ class FinetuneConfig(RunConfig):
     def check(self) -> None:
         super().check()
         self.model.check()
+        if self.model.init != "none" and not os.path.isfile(self.model.init) and not self.resuming():
+            raise ValueError(f"model.init={self.model.init!r} is not a file; give a pretrained checkpoint or 'none'")
         self.data.check()
         self.aug.check()
         self.ema.check()

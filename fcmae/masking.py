@@ -9,6 +9,9 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
     """Patches kept visible per sample: int(L * (1 - ratio)), as in the reference (19 of 49 at 224 px, ratio 0.6)."""
     if not 0.0 < mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+    if num_patches < 2:
+        raise ValueError(f"{num_patches} patch per image cannot be both masked and visible, whatever the mask ratio; "
+                         "use images of at least 2x2 patches")
     keep = int(num_patches * (1 - mask_ratio))
     if keep < 1:
         raise ValueError(

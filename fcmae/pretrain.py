@@ -16,6 +16,7 @@ from fcmae.config import add_config_arguments, load_config
 from fcmae.engine.config import check_global_batch
 from fcmae.engine.distributed import DistInfo, cleanup_distributed, init_distributed
 from fcmae.engine.loop import train
+from fcmae.engine.resume import complete, complete_message, prepare_resume
 from fcmae.engine.optim import param_groups
 from fcmae.engine.seeds import derive_seed
 from fcmae.masking import random_mask
@@ -23,10 +24,55 @@ from fcmae.model import FCMAE
 from fcmae.pretrain_config import PretrainConfig
 
 
-class PretrainTask:
-    """FCMAE pretraining as a `fcmae.engine.loop.Task`."""
+def checkpoint_header(cfg: PretrainConfig) -> dict[str, Any]:
+    """What identifies the model in a pretraining checkpoint (a resumed run must agree on all of it)."""
+    m = cfg.model
+    return {"format": "fcmae", "version": 1, "model_args": {
+        "encoder_name": m.name, "in_chans": m.in_chans, "mask_ratio": m.mask_ratio,
+        "decoder_dim": m.decoder_dim, "decoder_depth": m.decoder_depth, "norm_pix_loss": m.norm_pix_loss}}
 
-    def __init__(self, cfg: PretrainConfig, info: DistInfo):
+
+def load_init(model: FCMAE, path: str, cfg: PretrainConfig) -> str:
+    """model.init: the encoder from any checkpoint format `read_encoder` reads, the decoder too when the file is an
+    FCMAE checkpoint that has one (its shapes must match the config). Returns a one-line summary."""
+    from convnextv2.checkpoint import CheckpointError, detect, load_encoder_weights, load_file, read_encoder
+
+    m = cfg.model
+    obj = load_file(path)
+    try:
+        weights = read_encoder(detect(obj, f"model.init={path!r}"))
+    except CheckpointError as e:
+        raise ValueError(f"model.init={path!r}: {e}") from None
+    if weights.arch.name != m.name:
+        raise ValueError(f"model.init={path!r} holds {weights.arch.describe()}, but model.name={m.name}; use "
+                         f"model.name={weights.arch.name} or a checkpoint of this size")
+    if weights.arch.in_chans != m.in_chans:
+        raise ValueError(f"model.init={path!r} holds {weights.arch.in_chans}-channel weights, but "
+                         f"model.in_chans={m.in_chans}; set model.in_chans={weights.arch.in_chans}")
+    info = load_encoder_weights(model.encoder, weights, head_init_scale=None)
+    decoder = "fresh"
+    if weights.format == "fcmae":
+        sd = {k[len("decoder."):]: v for k, v in obj["model"].items() if k.startswith("decoder.")}
+        if sd:
+            want = model.decoder.state_dict()
+            bad = [f"{k} {tuple(sd[k].shape) if k in sd else 'missing'} vs {tuple(v.shape)}"
+                   for k, v in want.items() if k not in sd or sd[k].shape != v.shape]
+            bad += [f"{k} (not in this decoder)" for k in sd if k not in want]
+            if bad:
+                args = obj.get("model_args") or {}
+                hint = " ".join(f"model.{k}={args[k]}" for k in ("decoder_dim", "decoder_depth") if k in args)
+                raise ValueError(f"model.init={path!r} has a decoder of another shape ({'; '.join(bad[:3])}); set "
+                                 f"{hint or 'model.decoder_dim / model.decoder_depth'} as in the file")
+            model.decoder.load_state_dict(sd)
+            decoder = "from the file"
+    return f"encoder: {info.summary()}; decoder: {decoder}"
+
+
+class PretrainTask:
+    """FCMAE pretraining as a `fcmae.engine.loop.Task`. resuming: the weights will come from the checkpoint
+    (model.init is not read)."""
+
+    def __init__(self, cfg: PretrainConfig, info: DistInfo, resuming: bool = False):
         from fcmae.data import build_image_data
 
         self.cfg, self.info = cfg, info
@@ -35,6 +81,7 @@ class PretrainTask:
         self.global_batch = d.batch_size
         torch.manual_seed(cfg.seed)  # identical initial weights on every process
         self.model = FCMAE(m.name, m.in_chans, m.mask_ratio, m.decoder_dim, m.decoder_depth, m.norm_pix_loss, m.backend)
+        self.init_info = load_init(self.model, m.init, cfg) if m.init != "none" and not resuming else None
         torch.manual_seed(derive_seed(cfg.seed, info.rank))  # back to the per-rank seed
         self.data = build_image_data(d, m.in_chans, self.micro_batch, cfg.optim.accum_steps, info, cfg.seed)
         self.steps_per_epoch = self.data.steps_per_epoch
@@ -68,10 +115,7 @@ class PretrainTask:
         return int(batch[2].sum())
 
     def checkpoint_header(self) -> dict[str, Any]:
-        m = self.cfg.model
-        return {"format": "fcmae", "version": 1, "model_args": {
-            "encoder_name": m.name, "in_chans": m.in_chans, "mask_ratio": m.mask_ratio,
-            "decoder_dim": m.decoder_dim, "decoder_depth": m.decoder_depth, "norm_pix_loss": m.norm_pix_loss}}
+        return checkpoint_header(self.cfg)
 
     # --- the kNN monitor (rank 0; SPEC §6) ------------------------------------------------------------------------
     def monitor_splits(self):
@@ -120,19 +164,28 @@ class PretrainTask:
 
 def pretrain(cfg: PretrainConfig, on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Run (or resume) a pretraining; joins/leaves the process group when WORLD_SIZE > 1. Returns the summary."""
+    resume = prepare_resume(cfg.output_dir, cfg.resume, checkpoint_header(cfg))  # before data, files and devices
+    if resume is not None and complete(resume[1], cfg.optim.epochs):  # a finished run: no data to load
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(complete_message(cfg.output_dir, resume[1], cfg.optim.epochs), flush=True)
+        return {"epoch": resume[1]["epoch"], "step": resume[1]["step"], "skipped": 0, "complete": True}
     info = init_distributed(cfg.device)
     try:
         torch.manual_seed(derive_seed(cfg.seed, info.rank))  # per-rank seed for anything not derived explicitly
-        task = PretrainTask(cfg, info)
+        task = PretrainTask(cfg, info, resuming=resume is not None)
         if info.is_main:
             print(f"fcmae pretrain: {cfg.model.name} ({cfg.model.backend}) on {task.data.format} {cfg.data.path or ''} "
                   f"({task.data.num_samples} images), {info.world_size} process(es) on {info.device}, global batch "
                   f"{cfg.data.batch_size}, {task.steps_per_epoch} steps/epoch -> {cfg.output_dir}", flush=True)
+            if task.init_info is not None:
+                print(f"initial weights from {cfg.model.init}: {task.init_info}", flush=True)
+            elif cfg.model.init != "none":
+                print(f"model.init={cfg.model.init} is not read: the run resumes from its checkpoint", flush=True)
             if task.monitor is not None:
                 s = task.monitor
                 print(f"kNN monitor: {s.where}: {len(s.train)} train / {len(s.val)} val images, {len(s.classes)} "
                       f"classes, every {cfg.monitor.every_epochs} epoch(s) and after the last", flush=True)
-        return train(cfg, task, info, on_loss=on_loss)
+        return train(cfg, task, info, on_loss=on_loss, resume=resume)
     finally:
         cleanup_distributed()
 
@@ -142,7 +195,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "pretrain", help="FCMAE pretraining (resumes automatically in the same output_dir)",
         description="Pretrain a ConvNeXt V2 encoder with FCMAE. Example: fcmae pretrain --config "
         "configs/pretrain/tiny.yaml data.path=/data/train output_dir=runs/tiny. Multi-GPU: torchrun "
-        "--nproc_per_node=8 -m fcmae pretrain ... (data.batch_size is the GLOBAL batch).",
+        "--nproc_per_node=8 -m fcmae pretrain ... (data.batch_size is the GLOBAL batch). Start from released weights "
+        "with model.init=FILE (any format fcmae convert reads); rerunning resumes from output_dir/last.pt.",
     )
     add_config_arguments(p, "YAML file (configs/pretrain/<size>.yaml)", "optim.epochs=100 data.path=/data")
     p.set_defaults(func=run)

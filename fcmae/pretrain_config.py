@@ -1,6 +1,8 @@
 """The `fcmae pretrain` config schema (keys documented in README "Pretraining")."""
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -8,6 +10,7 @@ from convnextv2.backends import BACKENDS
 from convnextv2.encoder import MODEL_NAMES
 from fcmae.engine.config import RunConfig, check_global_batch, world_size_from_env
 from fcmae.finetune_config import FinetuneDataConfig
+from fcmae.masking import num_visible
 
 PATCH = 32  # mask patch side of the standard ConvNeXt V2 (total stride)
 
@@ -15,6 +18,7 @@ PATCH = 32  # mask patch side of the standard ConvNeXt V2 (total stride)
 @dataclass
 class ModelConfig:
     name: str = "convnextv2_atto"
+    init: str = "none"  # start from these weights (any format `fcmae convert` reads; an FCMAE file's decoder too)
     backend: str = "packed"
     in_chans: int = 3
     mask_ratio: float = 0.6
@@ -25,6 +29,8 @@ class ModelConfig:
     def check(self) -> None:
         if self.name not in MODEL_NAMES:
             raise ValueError(f"model.name={self.name!r} is not valid; choose one of: {', '.join(MODEL_NAMES)}")
+        if not self.init:
+            raise ValueError("model.init is empty; give a checkpoint file or 'none' (random initialisation)")
         if self.backend not in BACKENDS:
             raise ValueError(f"model.backend={self.backend!r} is not valid; choose one of: {', '.join(sorted(BACKENDS))}")
         if self.in_chans < 1:
@@ -100,3 +106,29 @@ class PretrainConfig(RunConfig):
             if stats is not None and len(stats) != self.model.in_chans:
                 raise ValueError(f"{key} has {len(stats)} values but model.in_chans={self.model.in_chans}")
         check_global_batch(self.data.batch_size, self.optim.accum_steps, world_size_from_env())
+        self.check_mask_grid()
+        m = self.model
+        if m.init != "none" and not os.path.isfile(m.init) and not self.resuming():
+            raise ValueError(f"model.init={m.init!r} is not a file; give a checkpoint (fcmae convert reads its format) "
+                             "or 'none'")
+
+    def patch(self) -> int:
+        """Side of a mask patch in pixels (the encoder's total stride): the one place the patch grid comes from."""
+        return PATCH
+
+    def check_mask_grid(self) -> None:
+        """model.mask_ratio must leave >= 1 visible and >= 1 masked patch of the (image_size / patch)^2 grid."""
+        p, size, ratio = self.patch(), self.data.image_size, self.model.mask_ratio
+        n = (size // p) ** 2
+        if n < 2:
+            raise ValueError(f"data.image_size={size} gives one {p}x{p} mask patch per image, which cannot be both "
+                             f"masked and visible whatever model.mask_ratio; use data.image_size >= {2 * p} "
+                             f"({7 * p} recommended)")
+        try:
+            keep = num_visible(n, ratio)
+        except ValueError:
+            keep = 0
+        if keep < 1:
+            best = math.floor((n - 1) / n * 100) / 100
+            raise ValueError(f"model.mask_ratio={ratio} leaves no visible patch of the {n} ({size // p}x{size // p}) "
+                             f"at data.image_size={size}; use model.mask_ratio <= {best:.2f} or larger images")

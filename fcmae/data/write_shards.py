@@ -66,5 +66,7 @@ def write_shards(src: str, dst: str, shard_size: int = 1000, prefix: str = "shar
 
 
 def run(args: argparse.Namespace) -> None:
+    if os.path.exists(args.dst) and not os.path.isdir(args.dst):
+        raise ValueError(f"DST {args.dst!r} is an existing file; give a folder for the shards (created if absent)")
     sizes = write_shards(args.src, args.dst, args.shard_size, args.prefix, not args.no_shuffle, args.seed)
     print(f"wrote {sum(sizes.values())} images in {len(sizes)} shards to {args.dst}")

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import glob
 import os
+import shutil
 from typing import Any
 
 import torch
 
 LAST = "last.pt"
+PREVIOUS = "previous.pt"  # the last.pt before the newest: what a NaN stop rolls back to
 TMP_MARK = ".tmp-"
 
 
@@ -24,6 +26,32 @@ def save_atomic(obj: dict[str, Any], path: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_last(obj: dict[str, Any], path: str) -> None:
+    """save_atomic onto {folder}/last.pt, first keeping the file it replaces as previous.pt (a hard link where the
+    filesystem has them, else a copy)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(path):
+        tmp = os.path.join(folder, f".{PREVIOUS}{TMP_MARK}{os.getpid()}")
+        try:
+            os.link(path, tmp)
+        except OSError:  # a filesystem without hard links: copy
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, os.path.join(folder, PREVIOUS))
+    save_atomic(obj, path)
+
+
+def rollback_last(folder: str) -> int | None:
+    """Replace last.pt by previous.pt (its step is returned), or remove last.pt when there is no previous one."""
+    last, prev = os.path.join(folder, LAST), os.path.join(folder, PREVIOUS)
+    if not os.path.isfile(prev):
+        if os.path.exists(last):
+            os.remove(last)
+        return None
+    step = int(torch.load(prev, map_location="cpu", weights_only=True)["step"])
+    os.replace(prev, last)
+    return step
 
 
 def remove_stale_temps(folder: str) -> list[str]:

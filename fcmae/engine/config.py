@@ -76,11 +76,30 @@ class RunConfig:
     def check(self) -> None:
         if not self.output_dir:
             raise ValueError("output_dir must be set (the run directory)")
+        check_writable_dir(self.output_dir, "output_dir")
         if self.resume is not None and not os.path.isfile(self.resume):
             raise ValueError(f"resume={self.resume!r} is not a file; give a checkpoint path or leave resume unset")
         self.optim.check()
         self.checkpoint.check()
         self.log.check()
+
+    def resuming(self) -> bool:
+        """True when the run continues a checkpoint (`resume`, or {output_dir}/last.pt): model.init is then unused."""
+        return bool(self.resume) or os.path.isfile(os.path.join(self.output_dir, "last.pt"))
+
+
+def check_writable_dir(path: str, key: str) -> None:
+    """ValueError unless `path` is a folder we can write in, or can be created (its nearest existing parent is a
+    writable folder). Nothing is created: this runs before any data, file or device is touched."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{key}={path!r} is an existing file, not a folder; choose another {key}")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ValueError(f"{key}={path!r} cannot be created: {parent!r} is a file, not a folder; choose another {key}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{key}={path!r} is not writable (no write permission in {parent!r}); choose another {key}")
 
 
 def world_size_from_env() -> int:

@@ -28,10 +28,12 @@ from fcmae.engine.config import RunConfig
 from fcmae.engine.distributed import DistInfo, all_reduce_sum
 from fcmae.engine.metrics import MetricsLogger, format_eta, progress_bar
 from fcmae.engine.optim import build_adamw, cosine_lr, scaled_lr, set_lr
+from fcmae.engine.resume import check_same_run, complete, complete_message, prepare_resume
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN/inf; training stopped before the optimizer step, the last checkpoint is untouched."""
+    """The loss became NaN/inf; training stopped before the optimizer step. `last.pt` is left holding weights that
+    gave a finite loss (rolled back to the checkpoint before it when it was the one that diverged)."""
 
 
 class Task(Protocol):
@@ -75,6 +77,10 @@ class Progress:
     epoch: int = 0  # epoch in progress
     epoch_step: int = 0  # optimizer steps done in that epoch
     step: int = 0  # optimizer steps done in total
+    # running sums of the epoch in progress, saved in checkpoints so a resumed epoch's mean covers all its steps
+    epoch_loss: float = 0.0
+    epoch_skipped: int = 0
+    epoch_counted: int = 0  # steps in those sums (fewer than epoch_step after resuming an older checkpoint)
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -94,28 +100,53 @@ def save_checkpoint(path: str, task: Task, optimizer, scaler, progress: Progress
         "epoch": progress.epoch,
         "epoch_step": progress.epoch_step,
         "step": progress.step,
+        "epoch_sums": {"loss": progress.epoch_loss, "skipped": progress.epoch_skipped, "steps": progress.epoch_counted},
         "rng": {**ckpt_io.rng_state(device), "seed": torch.tensor(cfg.seed)},
         "config": to_dict(cfg),
     }
     extra = _hook(task, "extra_state")
     if extra is not None:
         state.update(extra())
-    ckpt_io.save_atomic(state, path)
+    if os.path.basename(path) == ckpt_io.LAST:
+        ckpt_io.save_last(state, path)
+    else:
+        ckpt_io.save_atomic(state, path)
+
+
+def _diverged(out: str, epoch: int, step: int, loss: float, last_step: int | None) -> NonFiniteLossError:
+    """The NaN stop: roll last.pt back when its own weights gave this loss, and say what a rerun resumes from."""
+    last = os.path.join(out, ckpt_io.LAST)
+    if last_step == step:  # last.pt holds the weights that produced the non-finite loss: not a place to resume
+        kept = ckpt_io.rollback_last(out)
+        where = (f"{last} was rolled back to the checkpoint before it (step {kept}), whose weights gave a finite loss"
+                 if kept is not None else
+                 "no checkpoint from before the divergence exists, so a rerun starts where this run started")
+    elif last_step is not None:
+        where = f"{last} (step {last_step}) is kept: its weights gave a finite loss"
+    else:
+        where = "this run wrote no checkpoint yet, so a rerun starts where this run started"
+    return NonFiniteLossError(
+        f"loss is {loss} at epoch {epoch + 1}, step {step}; stopped before the optimizer step; {where}. Lower "
+        "optim.lr (or optim.blr), raise optim.warmup_epochs or set optim.clip_grad, then rerun the same command "
+        "with the new value to resume."
+    )
 
 
 def train(cfg: RunConfig, task: Task, info: DistInfo,
-          on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> dict[str, Any]:
+          on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+          resume: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """Train `task` for cfg.optim.epochs, resuming from {output_dir}/last.pt (or cfg.resume) when present.
 
     on_loss(step, loss) -> loss: a test hook called on every micro-batch loss (inject NaN, raise to simulate a kill).
-    Returns a summary: final step/epoch, last epoch's mean loss, skipped images.
+    resume: (path, state) already read and checked by the command (`fcmae.engine.resume.prepare_resume`, before its
+    data); None: read here. Returns a summary: final step/epoch, last epoch's mean loss, skipped images.
     """
     o, out = cfg.optim, cfg.output_dir
     device, main = info.device, info.is_main
-    if main:
-        os.makedirs(out, exist_ok=True)
-        ckpt_io.remove_stale_temps(out)  # a checkpoint being written when a process died is never resumed from
-        save_config(cfg, os.path.join(out, "config.yaml"))
+    if resume is None:
+        resume = prepare_resume(out, cfg.resume, task.checkpoint_header())
+    else:  # the task now knows everything its header holds (e.g. the number of classes in the data)
+        check_same_run(resume[1], task.checkpoint_header(), resume[0], explicit=bool(cfg.resume))
 
     model = task.model.to(device)
     if cfg.channels_last:
@@ -126,9 +157,9 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     progress = Progress()
-    path = ckpt_io.resume_path(out, cfg.resume)
-    if path:
-        state = ckpt_io.load_checkpoint(path)
+    last_step = None  # step of the last.pt this process wrote (or resumed from), for the NaN stop
+    if resume is not None:
+        path, state = resume
         task.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if state.get("scaler"):
@@ -136,15 +167,30 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
         if _hook(task, "load_extra_state") is not None:
             task.load_extra_state(state)
         progress = Progress(state["epoch"], state.get("epoch_step", 0), state["step"])
+        sums = state.get("epoch_sums")
+        if progress.epoch_step and sums:
+            progress.epoch_loss, progress.epoch_skipped = float(sums["loss"]), int(sums["skipped"])
+            progress.epoch_counted = int(sums["steps"])
+        last_step = progress.step if os.path.abspath(path) == os.path.abspath(os.path.join(out, ckpt_io.LAST)) \
+            else None
         if main and "rng" in state:  # only rank 0's state is saved; others keep their per-rank seeds
             ckpt_io.set_rng_state(state["rng"], device)
+        if complete(state, o.epochs):  # nothing to train: say so rather than touch the run's files
+            if main:
+                print(complete_message(out, state, o.epochs), flush=True)
+            return {"epoch": progress.epoch, "step": progress.step, "skipped": 0, "complete": True}
         if main:
             print(f"resumed from {path}: epoch {progress.epoch}, step {progress.step}", flush=True)
+    if main:  # every check passed: only now is the run folder touched
+        os.makedirs(out, exist_ok=True)
+        ckpt_io.remove_stale_temps(out)  # a checkpoint being written when a process died is never resumed from
+        save_config(cfg, os.path.join(out, "config.yaml"))
 
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if info.distributed else model
     forward_model = torch.compile(ddp) if cfg.compile else ddp
-    logger = MetricsLogger(out, enabled=main, tensorboard=cfg.log.tensorboard)
+    logger = MetricsLogger(out, enabled=main, tensorboard=cfg.log.tensorboard,
+                           resume_step=progress.step if resume is not None else None)
     accum, spe = o.accum_steps, task.steps_per_epoch
     total_steps, warmup_steps = o.epochs * spe, round(o.warmup_epochs * spe)
     summary: dict[str, Any] = {"skipped": 0}
@@ -163,7 +209,7 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
             epoch = progress.epoch
             batches = iter(task.batches(epoch, progress.epoch_step * accum))
             bar = progress_bar(spe, progress.epoch_step, f"epoch {epoch + 1}/{o.epochs}", main and cfg.log.progress)
-            epoch_t0, epoch_loss, epoch_steps, epoch_skipped = time.time(), 0.0, 0, 0
+            epoch_t0, epoch_steps = time.time(), 0  # steps run by this process (the img/s of this epoch)
             while progress.epoch_step < spe:
                 step_t0 = time.time()
                 lr = cosine_lr(progress.step, total_steps, warmup_steps, base_lr, o.min_lr)
@@ -184,11 +230,8 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
                 stats = all_reduce_sum(stats, info)  # every process sees the same numbers, so all stop together
                 step_loss = stats[0].item() / (accum * info.world_size)
                 if not math.isfinite(step_loss):
-                    raise NonFiniteLossError(
-                        f"loss is {step_loss} at epoch {epoch + 1}, step {progress.step}; stopped before the optimizer "
-                        f"step, checkpoints in {out} are untouched (last good: {os.path.join(out, ckpt_io.LAST)}). "
-                        "Lower optim.blr, raise optim.warmup_epochs or set optim.clip_grad, then rerun to resume."
-                    )
+                    raise _diverged(out, epoch, progress.step, step_loss, last_step) if main else \
+                        NonFiniteLossError(f"loss is {step_loss} at epoch {epoch + 1}, step {progress.step}")
                 if o.clip_grad is not None:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
@@ -200,7 +243,10 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
                 if after_step is not None:
                     after_step(progress.step)
                 skipped = int(stats[1].item())
-                epoch_loss, epoch_steps, epoch_skipped = epoch_loss + step_loss, epoch_steps + 1, epoch_skipped + skipped
+                progress.epoch_loss += step_loss
+                progress.epoch_skipped += skipped
+                progress.epoch_counted += 1
+                epoch_steps += 1
                 ips = task.global_batch / max(time.time() - step_t0, 1e-9)
                 if main:
                     eta = (time.time() - run_t0) / (progress.step - run_steps0) * (total_steps - progress.step)
@@ -211,11 +257,13 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
                                    skipped=skipped)
                     if progress.step % cfg.checkpoint.every_steps == 0 and progress.epoch_step < spe:
                         save_checkpoint(os.path.join(out, ckpt_io.LAST), task, optimizer, scaler, progress, cfg, device)
+                        last_step = progress.step
             bar.close()
             dt = time.time() - epoch_t0  # the epoch's training time: evaluation, checkpoints and probes left out
-            progress.epoch, progress.epoch_step = epoch + 1, 0
+            epoch_loss, epoch_skipped = progress.epoch_loss / max(1, progress.epoch_counted), progress.epoch_skipped
+            progress = Progress(epoch + 1, 0, progress.step)  # the next epoch's sums start at zero
             last = progress.epoch == o.epochs
-            summary.update(epoch=progress.epoch, step=progress.step, loss=epoch_loss / max(1, epoch_steps))
+            summary.update(epoch=progress.epoch, step=progress.step, loss=epoch_loss)
             summary["skipped"] += epoch_skipped
             evaluated: dict[str, Any] = {}
             if evaluate is not None:
@@ -224,6 +272,7 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
                 summary.update(evaluated)
             if main:
                 save_checkpoint(os.path.join(out, ckpt_io.LAST), task, optimizer, scaler, progress, cfg, device)
+                last_step = progress.step
                 keep = cfg.checkpoint.keep_every_epochs
                 if keep and (progress.epoch % keep == 0 or last):
                     save_checkpoint(os.path.join(out, f"checkpoint-epoch{progress.epoch}.pt"), task, optimizer,

@@ -13,16 +13,42 @@ class MetricsLogger:
     """Appends one JSON object per line to {output_dir}/metrics.jsonl and mirrors numbers to TensorBoard (tb/).
 
     Rows carry `kind`: "step" (every log.every_steps optimizer steps) or "epoch" (end of each epoch).
-    Disabled (no files) on ranks other than 0.
+    Disabled (no files) on ranks other than 0. resume_step: the run resumes after that optimizer step, so rows of
+    later steps (written before the interruption, about to be replayed) are dropped: no step appears twice.
     """
 
-    def __init__(self, output_dir: str, enabled: bool = True, tensorboard: bool = True):
+    def __init__(self, output_dir: str, enabled: bool = True, tensorboard: bool = True,
+                 resume_step: int | None = None):
         self.enabled = enabled
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.tb = None
+        if enabled and resume_step is not None:
+            self.truncate_after(resume_step)
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported lazily: slow, and only rank 0 needs it
-            self.tb = SummaryWriter(os.path.join(output_dir, "tb"))
+            # purge_step hides the events logged after the checkpoint by the interrupted run
+            self.tb = SummaryWriter(os.path.join(output_dir, "tb"),
+                                    purge_step=resume_step + 1 if resume_step is not None else None)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop rows with a step after `step` (atomically: temp file + os.replace)."""
+        if not os.path.isfile(self.path):
+            return
+        with open(self.path) as f:
+            lines = f.readlines()
+        keep = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] > step:
+                    continue
+            except (ValueError, KeyError, TypeError):  # a line cut short by the interruption
+                continue
+            keep.append(line if line.endswith("\n") else line + "\n")
+        if len(keep) != len(lines):
+            tmp = f"{self.path}.tmp-{os.getpid()}"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.path)
 
     def log(self, kind: str, step: int, **values: Any) -> None:
         if not self.enabled:

@@ -1,0 +1,85 @@
+"""Resuming a run: read our own training checkpoint (one clean line for anything else), and check that it holds the
+model the command is configured for, before any data, file or device is touched.
+
+A training checkpoint (`last.pt`) carries a header (`format`, `model_args`) next to the model, optimizer and
+counters; the command's config implies the header it would write. Values that define the model (architecture,
+decoder, run kind) must agree; everything else (epochs, logging, lr) may change between reruns.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from fcmae.engine import checkpoint as ckpt_io
+
+TRAINING_KEYS = ("model", "optimizer", "epoch", "step")
+KINDS = {"fcmae": "an FCMAE pretraining", "fcmae-finetune": "a fine-tuning"}
+CONFIG_KEYS = {"encoder_name": "model.name"}  # header model_args name -> config key (others: model.<name>)
+
+
+def _where(path: str, explicit: bool) -> str:
+    return f"resume={path!r}" if explicit else f"output_dir={os.path.dirname(path) or '.'!r} (its {ckpt_io.LAST})"
+
+
+def read_training_checkpoint(path: str, explicit: bool) -> dict[str, Any]:
+    """Load (weights_only / safetensors) a checkpoint to resume from; ValueError (one line) when it is unreadable or
+    not an fcmae training checkpoint. explicit: it came from `resume=` (else it is {output_dir}/last.pt)."""
+    from convnextv2.checkpoint import CheckpointError, load_file
+
+    try:
+        state = load_file(path)
+    except CheckpointError as e:
+        fix = "" if explicit else (f"; to start afresh move it away, or resume from an older checkpoint with "
+                                   f"resume=PATH (e.g. a checkpoint-epochN.pt)")
+        raise ValueError(f"cannot resume: {e}{fix}") from None
+    if not isinstance(state, dict) or any(k not in state for k in TRAINING_KEYS):
+        raise ValueError(
+            f"{_where(path, explicit)} is not an fcmae training checkpoint (the last.pt of a pretrain or finetune "
+            f"run, with optimizer state and counters); resume= continues such runs only: to start from these "
+            f"weights, use model.init={path} instead"
+        )
+    return state
+
+
+def check_same_run(state: dict[str, Any], header: dict[str, Any], path: str, explicit: bool) -> None:
+    """ValueError (one line: what differs, what to do) unless `state` was written by a run of the same kind and model
+    as `header` (the header this run writes; a None value in header['model_args'] is not known yet: not compared)."""
+    where = _where(path, explicit)
+    have, want = state.get("format"), header.get("format")
+    if have != want:
+        what = KINDS.get(have, f"a {have!r}-format" if have else "an unknown")
+        fix = "choose another output_dir for this run" if not explicit else "give a checkpoint of this kind of run"
+        if want == "fcmae-finetune" and have == "fcmae":
+            fix += f" and start from the pretrained weights with model.init={path}"
+        raise ValueError(f"{where} holds {what} run, but this is {KINDS.get(want, want)}: {fix}")
+    found, wanted = state.get("model_args") or {}, header.get("model_args") or {}
+    diffs = [f"{CONFIG_KEYS.get(k, 'model.' + k)}: {found[k]!r} in the existing run, {v!r} now"
+             for k, v in wanted.items() if v is not None and k in found and found[k] != v]
+    if diffs:
+        fix = ("choose another output_dir for the new model, or rerun with the existing run's values to resume it"
+               if not explicit else "resume with the checkpoint's values, or use model.init to start from its weights")
+        raise ValueError(f"{where} holds a run of another model ({'; '.join(diffs)}): {fix}")
+
+
+def prepare_resume(output_dir: str, resume: str | None, header: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The checkpoint to resume from, loaded and checked against `header`, as (path, state); None for a fresh run."""
+    path = ckpt_io.resume_path(output_dir, resume)
+    if path is None:
+        return None
+    state = read_training_checkpoint(path, explicit=bool(resume))
+    check_same_run(state, header, path, explicit=bool(resume))
+    return path, state
+
+
+def complete(state: dict[str, Any], epochs: int) -> bool:
+    """True when the checkpoint has trained all `epochs` (a rerun has nothing to do)."""
+    return int(state["epoch"]) >= epochs
+
+
+def complete_message(output_dir: str, state: dict[str, Any], epochs: int, limit: int = 12) -> str:
+    """What a rerun of a finished run says: that it is complete, where its outputs are, how to go on."""
+    names = sorted(n for n in os.listdir(output_dir) if not n.startswith("."))
+    listing = ", ".join(names[:limit]) + (f" ... ({len(names)} entries)" if len(names) > limit else "")
+    return (f"nothing to train: the run in {output_dir} is complete ({state['epoch']} epochs, step {state['step']}; "
+            f"optim.epochs={epochs}). Its outputs: {listing}. To train longer, rerun with a larger optim.epochs; "
+            "for a new run, choose another output_dir.")
