@@ -200,7 +200,7 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
     start = _hook(task, "start")
     try:
         if main and start is not None:
-            baseline = start(bool(path))
+            baseline = start(resume is not None)
             if baseline:
                 logger.log("epoch", progress.step, epoch=progress.epoch, **baseline)
                 print(f"epoch {progress.epoch}/{o.epochs}" + _format_metrics(baseline), flush=True)
