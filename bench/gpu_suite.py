@@ -135,7 +135,7 @@ def cmd_e2e(args: argparse.Namespace) -> None:
                 os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the DataLoader workers too
                 killed = True
                 break
-            time.sleep(0.2)
+            time.sleep(0.05)
         if proc.poll() is None and not killed:  # out of time
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
