@@ -128,13 +128,16 @@ phase_correctness() {
 
 bench_run() {  # bench_run PHASE_END CAP MODEL VARIANT_FLAGS...
   local end=$1 cap=$2 model=$3; shift 3
-  local variant compile=eager layout=nchw
+  local variant compile=eager layout=nchw profile=()
   [[ " $* " == *" --compile "* ]] && compile=compile
   [[ " $* " == *" --channels-last "* ]] && layout=channels_last
   variant=$compile-$layout
+  if [ "$model" = "${MODELS[0]}" ]; then  # the first model (base) also gets torch.profiler's top ops per backend
+    profile=(--profile "$LOGS/profile-$model-$variant"); mkdir -p "$LOGS/profile-$model-$variant"
+  fi
   step "bench:$model:$variant:bs$BATCH:${SIZE}px:$DTYPE" "$end" "$cap" \
     $PY -m fcmae bench --model "$model" --batch-size "$BATCH" --image-size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
-    --steps "$STEPS" --warmup "$WARMUP" --backends masked,packed,dense "${DEC[@]}" "$@" \
+    --steps "$STEPS" --warmup "$WARMUP" --backends masked,packed,dense "${DEC[@]}" "$@" "${profile[@]}" \
     --json "$REC/bench-$model-$variant.json"
   merge
 }

@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--channels-last", action="store_true", help="model and images in channels_last memory format")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, images and masks")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, profile 3 steps per backend with torch.profiler; write the top ops to "
+                        "DIR/profile-<backend>.txt (the folder must exist)")
     p.add_argument("--json", default=None, metavar="PATH",
                    help="also write the results as one JSON document to PATH (atomically; the folder must exist)")
 
@@ -92,6 +95,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], torch.device, str]:
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if args.json is not None:
         check_json_path(args.json)
+    if args.profile is not None and not (os.path.isdir(args.profile) and os.access(args.profile, os.W_OK)):
+        raise ValueError(f"--profile {args.profile!r} is not a writable folder; create it first (mkdir -p)")
     return backends, device, dtype
 
 
@@ -124,7 +129,7 @@ def command_line(args: argparse.Namespace) -> str:
     """The `fcmae bench` command that reproduces this run, every option spelled out (--json left out)."""
     parts = ["fcmae", "bench"]
     for key, value in vars(args).items():
-        if key in ("func", "command", "json"):
+        if key in ("func", "command", "json", "profile"):
             continue
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
@@ -220,6 +225,19 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
+def write_profile(path: str, step: Callable[[], Any], device: torch.device, steps: int = 3) -> None:
+    """torch.profiler over `steps` calls of `step`: the ops that take the most device (or CPU) time, as a text table."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415 - only with --profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(f"# {steps} steps, sorted by {sort}\n")
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60) + "\n")
+
+
 def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     backends, device, dtype = check_args(args)
     if args.threads > 0:
@@ -277,6 +295,11 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             if device.type == "cuda":
                 peak[b] = max(peak[b], torch.cuda.max_memory_allocated(device))
 
+    if args.profile is not None:
+        for b in backends:
+            path = os.path.join(args.profile, f"profile-{b}.txt")
+            write_profile(path, lambda b=b: step(b, masks[-1]), device)
+            print(f"wrote {path}")
     flops = useful_flops(model, imgs, masks[0], autocast)
     peak_flops = matmul_peak(device, torch.bfloat16 if dtype == "bf16" else torch.float32)
     print(f"useful work {flops / n / 1e9:.2f} GFLOP/img (fwd+bwd)  measured matmul peak "

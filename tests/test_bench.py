@@ -29,7 +29,7 @@ def test_bench_prints_every_backend_and_writes_json(capsys, tmp_path):
     assert all(0 < float(r[7].rstrip("%")) < 100 for r in rows.values())  # MFU, also on CPU
 
     doc = json.loads(path.read_text())
-    assert [f for f in os.listdir(tmp_path) if f != "bench.json"] == []  # no temporary file left behind
+    assert os.listdir(tmp_path) == ["bench.json"]  # no temporary file left behind
     assert (doc["model"], doc["batch_size"], doc["image_size"], doc["dtype"]) == ("convnextv2_atto", 2, 64, "fp32")
     assert (doc["compile"], doc["channels_last"], doc["variant"]) == (False, True, "eager-channels_last")
     assert doc["device_type"] == "cpu" and doc["device"] and doc["torch"] == torch.__version__
@@ -53,6 +53,15 @@ def test_bench_prints_every_backend_and_writes_json(capsys, tmp_path):
     assert packed["img_s_x_masked"] == pytest.approx(packed["img_s"] / doc["backends"]["masked"]["img_s"])
 
 
+def test_bench_profile_writes_top_ops(tmp_path):
+    assert main(["bench", "--model", "convnextv2_atto", "--batch-size", "2", "--image-size", "64", "--decoder-dim", "16",
+                 "--steps", "1", "--warmup", "0", "--device", "cpu", "--backends", "packed",
+                 "--profile", str(tmp_path)]) == 0
+    text = (tmp_path / "profile-packed.txt").read_text()
+    assert text.startswith("# 3 steps, sorted by self_cpu_time_total") and "aten::convolution" in text
+    assert os.listdir(tmp_path) == ["profile-packed.txt"]
+
+
 def test_bench_json_folder_checked_before_any_model(tmp_path, capsys, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built before the --json path was checked")
@@ -63,6 +72,8 @@ def test_bench_json_folder_checked_before_any_model(tmp_path, capsys, monkeypatc
     assert err.startswith("fcmae bench: error: --json") and "does not exist" in err and len(err.splitlines()) == 1
     assert main(["bench", "--device", "cpu", "--json", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+    assert main(["bench", "--device", "cpu", "--profile", str(tmp_path / "missing")]) == 2
+    assert "--profile" in capsys.readouterr().err
 
 
 def test_bench_help_shows_defaults(capsys):
