@@ -6,6 +6,7 @@ Records are JSON files, one per measurement, told apart by "schema":
   fcmae-e2e/1     one `fcmae pretrain` / `fcmae finetune` run, killed and resumed (or not), with its img/s and checks
   fcmae-tests/1   a pytest run (counts from its JUnit XML)
   fcmae-loader/1  bench/data_loading.py's img/s
+  fcmae-finetune-step/1  bench/finetune_step.py: our fine-tuning step vs a plain timm one
   fcmae-failure/1 a command that failed, timed out or was skipped for lack of time
   fcmae-suite/1   a merge of the above (merging merged files again is fine: records are keyed, the newest wins)
 
@@ -322,6 +323,11 @@ def table(doc: dict[str, Any]) -> str:
         elif r["schema"] == "fcmae-loader/1":
             lines.append(f"loader {r['name']}: {fmt(r['img_s_in_process'])} img/s in-process, "
                          f"{fmt(r['img_s_workers'])} img/s with {r['workers']} workers")
+        elif r["schema"] == "fcmae-finetune-step/1":
+            o, t = r["steps_compared"]["ours"], r["steps_compared"]["timm"]
+            lines.append(f"finetune step {r['model']} {r['variant']} bs{r['batch_size']} {r['dtype']}: ours "
+                         f"{o['img_s']:.1f} img/s, timm {t['img_s']:.1f} img/s = {r['ours_x_timm_img_s']:.2f}x "
+                         f"(target >= 1.0x)")
         elif r["schema"] == "fcmae-failure/1":
             lines.append(f"FAILED {r['name']}: {r['reason']} (rc {r['rc']})")
     return "\n".join(lines)

@@ -9,7 +9,8 @@
 #                and bench/data_loading.py with the machine's cores: whole-run img/s vs the bench's step rate
 #   speed        `fcmae bench` eager: base, tiny, large x NCHW / channels_last; masked, packed, dense; batch 64,
 #                224 px, bf16 autocast
-#   compile      the same with --compile (base first: the targets are for base)
+#                then bench/finetune_step.py (base): our fine-tuning step vs a plain timm step, NCHW / channels_last
+#   compile      the same with --compile (base first: the targets are for base), then the finetune step compiled
 #   all          every phase in turn (longer than one call: for a machine without the 10-minute limit)
 #
 # Each command runs under `timeout`, within the phase's budget and the call's deadline (SUITE_DEADLINE seconds from
@@ -72,12 +73,12 @@ if [ "${SUITE_TINY:-0}" = 1 ]; then  # CPU dry run: the logic, not the numbers
   DEVICE=cpu DTYPE=fp32 SIZE=64 BATCH=4 STEPS=2 WARMUP=1 DEC=(--decoder-dim 32) WORKERS=0
   MODELS=(convnextv2_atto) E2E_SMALL=convnextv2_atto E2E_BIG=convnextv2_atto
   N_PRE=32 FT_CLASSES=2 N_FT=16 N_VAL=8 PRE_EPOCHS=2 FT_EPOCHS=2 BIG_EPOCHS=1 LOADER_IMAGES=16
-  EXTRA=(model.decoder_dim=32) JPEG_W=96 JPEG_H=72
+  EXTRA=(model.decoder_dim=32) JPEG_W=96 JPEG_H=72 FT_STEP_CLASSES=5
 else
   DEVICE=cuda DTYPE=bf16 SIZE=224 BATCH=64 STEPS=${SUITE_STEPS:-20} WARMUP=${SUITE_WARMUP:-3} DEC=() WORKERS=$(( $(nproc) - 2 ))
   MODELS=(convnextv2_base convnextv2_tiny convnextv2_large) E2E_SMALL=convnextv2_tiny E2E_BIG=convnextv2_base
   N_PRE=2048 FT_CLASSES=10 N_FT=640 N_VAL=320 PRE_EPOCHS=8 FT_EPOCHS=6 BIG_EPOCHS=3 LOADER_IMAGES=1024
-  EXTRA=() JPEG_W=500 JPEG_H=375
+  EXTRA=() JPEG_W=500 JPEG_H=375 FT_STEP_CLASSES=1000
 fi
 [ -n "${SUITE_MODELS:-}" ] && read -ra MODELS <<< "$SUITE_MODELS"
 
@@ -144,12 +145,26 @@ bench_run() {  # bench_run PHASE_END CAP MODEL VARIANT_FLAGS...
   merge
 }
 
+finetune_run() {  # finetune_run PHASE_END CAP VARIANT_FLAGS...: our fine-tuning step vs timm's, first model
+  local end=$1 cap=$2; shift 2
+  local model=${MODELS[0]} variant compile=eager layout=nchw
+  [[ " $* " == *" --compile "* ]] && compile=compile
+  [[ " $* " == *" --channels-last "* ]] && layout=channels_last
+  variant=$compile-$layout
+  step "finetune-step:$model:$variant:bs$BATCH:$DTYPE" "$end" "$cap" $PY bench/finetune_step.py --model "$model" \
+    --batch-size "$BATCH" --image-size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" --steps "$STEPS" \
+    --warmup "$WARMUP" --classes $FT_STEP_CLASSES "$@" --json "$REC/finetune-step-$model-$variant.json"
+  merge
+}
+
 phase_speed() {
-  local end=$(( $(date +%s) + ${BUDGET_SPEED:-400} )) m
+  local end=$(( $(date +%s) + ${BUDGET_SPEED:-450} )) m
   for m in "${MODELS[@]}"; do
     bench_run "$end" 120 "$m"
     bench_run "$end" 120 "$m" --channels-last
   done
+  finetune_run "$end" 120
+  finetune_run "$end" 120 --channels-last
 }
 
 phase_compile() {
@@ -162,6 +177,7 @@ phase_compile() {
     bench_run "$end" 300 "$m" --compile --channels-last
     bench_run "$end" 300 "$m" --compile
   done
+  finetune_run "$end" 300 --compile --channels-last
 }
 
 phase_e2e() {

@@ -59,6 +59,21 @@ def test_table_checks_base_targets(packed_x, mem_x, mfu, verdicts):
     assert f"{packed_x:.2f}" in line and f"{100 * mfu:.1f}%" in line
 
 
+def test_finetune_step_compares_ours_with_timm(tmp_path):
+    spec = importlib.util.spec_from_file_location("finetune_step", os.path.join(ROOT, "bench", "finetune_step.py"))
+    finetune_step = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune_step)
+    path = tmp_path / "ft.json"
+    doc = finetune_step.main(["--model", "convnextv2_atto", "--batch-size", "2", "--image-size", "32", "--classes",
+                              "3", "--steps", "1", "--warmup", "0", "--device", "cpu", "--json", str(path)])
+    assert json.loads(path.read_text()) == doc
+    ours, timm_ = doc["steps_compared"]["ours"], doc["steps_compared"]["timm"]
+    assert ours["img_s"] > 0 and timm_["img_s"] > 0
+    assert doc["ours_x_timm_img_s"] == pytest.approx(ours["img_s"] / timm_["img_s"])
+    assert doc["name"] == "finetune-step:convnextv2_atto:eager-nchw:bs2:fp32"
+    assert "ours" in gpu_suite.table(gpu_suite.merge([doc]))
+
+
 def test_e2e_kills_and_resumes_a_real_pretraining(tmp_path):
     """atto at 64 px, 24 images, batch 4: 6 steps per epoch, 2 epochs; killed once step 2 is logged, resumed."""
     data, out = tmp_path / "data", tmp_path / "run"
