@@ -336,7 +336,8 @@ def table(doc: dict[str, Any]) -> str:
 def cmd_merge(args: argparse.Namespace) -> None:
     doc = merge(load_records(args.inputs), args.device)
     out = args.out
-    if os.path.isdir(out):  # a folder: name the file after the device and the date
+    if out.endswith(os.sep) or os.path.isdir(out):  # a folder: name the file after the device and the date
+        os.makedirs(out, exist_ok=True)
         name = args.device or doc["device"] or "unknown"  # --device first: one file name for the whole call
         out = os.path.join(out, f"{device_slug(name)}-{doc['date'][:10]}{args.suffix}.json")
     write_json(out, doc)

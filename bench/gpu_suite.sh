@@ -10,7 +10,8 @@
 #   speed        `fcmae bench` eager: base, tiny, large x NCHW / channels_last; masked, packed, dense; batch 64,
 #                224 px, bf16 autocast
 #                then bench/finetune_step.py (base): our fine-tuning step vs a plain timm step, NCHW / channels_last
-#   compile      the same with --compile (base first: the targets are for base), then the finetune step compiled
+#   compile      the same with --compile, masked and packed (base first: the targets are for base), and the
+#                finetune step compiled
 #   all          every phase in turn (longer than one call: for a machine without the 10-minute limit)
 #
 # Each command runs under `timeout`, within the phase's budget and the call's deadline (SUITE_DEADLINE seconds from
@@ -140,7 +141,7 @@ bench_run() {  # bench_run PHASE_END CAP MODEL VARIANT_FLAGS...
   fi
   step "bench:$model:$variant:bs$BATCH:${SIZE}px:$DTYPE" "$end" "$cap" \
     $PY -m fcmae bench --model "$model" --batch-size "$BATCH" --image-size "$SIZE" --device "$DEVICE" --dtype "$DTYPE" \
-    --steps "$STEPS" --warmup "$WARMUP" --backends masked,packed,dense "${DEC[@]}" "$@" "${profile[@]}" \
+    --steps "$STEPS" --warmup "$WARMUP" --backends "${BACKENDS:-masked,packed,dense}" "${DEC[@]}" "$@" "${profile[@]}" \
     --json "$REC/bench-$model-$variant.json"
   merge
 }
@@ -173,11 +174,15 @@ phase_compile() {
     echo "-- compile phase: skipped in the CPU dry run (set SUITE_TINY_COMPILE=1 to compile on CPU: minutes)"
     return
   fi
-  for m in "${MODELS[@]}"; do  # base first; channels_last first (the layout packed uses inside)
-    bench_run "$end" 300 "$m" --compile --channels-last
-    bench_run "$end" 300 "$m" --compile
-  done
-  finetune_run "$end" 300 --compile --channels-last
+  # compiling takes minutes per backend: masked and packed only (SUITE_COMPILE_BACKENDS to change), the most wanted
+  # runs first: the first model (base) in channels_last (the layout packed uses inside), then NCHW, the finetune
+  # step, then the other models in channels_last, then NCHW
+  local BACKENDS=${SUITE_COMPILE_BACKENDS:-masked,packed}
+  bench_run "$end" 360 "${MODELS[0]}" --compile --channels-last
+  bench_run "$end" 300 "${MODELS[0]}" --compile
+  finetune_run "$end" 240 --compile --channels-last
+  for m in "${MODELS[@]:1}"; do bench_run "$end" 300 "$m" --compile --channels-last; done
+  for m in "${MODELS[@]:1}"; do bench_run "$end" 300 "$m" --compile; done
 }
 
 phase_e2e() {
