@@ -17,10 +17,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import json
+import os
 import platform
+import shlex
 import statistics
+import sys
+import tempfile
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
@@ -35,29 +40,36 @@ DENSE = "dense"
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench", help="time the FCMAE train step per sparse backend (img/s, memory, ratios to masked)",
-        description=__doc__.split("\n\n")[0] + " Prints one line per backend; see BENCHMARKS.md for results.",
+        description=__doc__.split("\n\n")[0] + " Prints one line per backend (and with --json writes them as one "
+        "JSON document); see BENCHMARKS.md for results.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add_arguments(p)
     p.set_defaults(func=run)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="convnextv2_tiny", help="timm ConvNeXt V2 name (default convnextv2_tiny)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--model", default="convnextv2_tiny", help="timm ConvNeXt V2 name")
+    p.add_argument("--batch-size", type=int, default=8, help="images per step")
     p.add_argument("--image-size", type=int, default=224, help="square side in pixels, a multiple of 32")
-    p.add_argument("--mask-ratio", type=float, default=0.6)
-    p.add_argument("--decoder-dim", type=int, default=512)
+    p.add_argument("--mask-ratio", type=float, default=0.6, help="fraction of 32-px patches masked")
+    p.add_argument("--decoder-dim", type=int, default=512, help="FCMAE decoder width")
     p.add_argument("--backends", default="masked,packed,dense",
-                   help=f"comma list of sparse backends and/or '{DENSE}' (default masked,packed,dense)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per backend, interleaved (default 10)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per backend first (default 2)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when available)")
+                   help=f"comma list of sparse backends and/or '{DENSE}'")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per backend, interleaved")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per backend first")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="fp32, or bf16 autocast (default: bf16 on CUDA, fp32 on CPU)")
+                   help="fp32, or bf16 autocast (auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile each backend's loss function")
     p.add_argument("--channels-last", action="store_true", help="model and images in channels_last memory format")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, images and masks")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, profile 3 steps per backend with torch.profiler; write the top ops to "
+                        "DIR/profile-<backend>.txt (the folder must exist)")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the results as one JSON document to PATH (atomically; the folder must exist)")
 
 
 def check_args(args: argparse.Namespace) -> tuple[list[str], torch.device, str]:
@@ -81,7 +93,69 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], torch.device, str]:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu, cuda[:N] or auto, got {args.device!r}")
     dtype = args.dtype if args.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if args.json is not None:
+        check_json_path(args.json)
+    if args.profile is not None and not (os.path.isdir(args.profile) and os.access(args.profile, os.W_OK)):
+        raise ValueError(f"--profile {args.profile!r} is not a writable folder; create it first (mkdir -p)")
     return backends, device, dtype
+
+
+def check_json_path(path: str) -> None:
+    """--json must name a file in an existing, writable folder (checked before any model runs)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"--json {path!r} is a folder; give a file path such as {os.path.join(path, 'bench.json')}")
+    if not os.path.isdir(folder):
+        raise ValueError(f"--json {path!r}: folder {folder!r} does not exist; create it first (mkdir -p)")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"--json {path!r}: folder {folder!r} is not writable; choose another path")
+
+
+def write_json_atomic(path: str, document: dict[str, Any]) -> None:
+    """Write to a temporary file beside `path`, then rename: a reader never sees half a document."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".bench-", suffix=".json.tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(document, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def command_line(args: argparse.Namespace) -> str:
+    """The `fcmae bench` command that reproduces this run, every option spelled out (--json left out)."""
+    parts = ["fcmae", "bench"]
+    for key, value in vars(args).items():
+        if key in ("func", "command", "json", "profile"):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parts += [flag] if value else []
+        else:
+            parts += [flag, str(value)]
+    return shlex.join(parts)
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Where the run happened: device name, library versions, host."""
+    import timm  # noqa: PLC0415 - only for its version
+    cuda = device.type == "cuda"
+    return {
+        "device": torch.cuda.get_device_name(device) if cuda else platform.processor() or platform.machine(),
+        "device_type": device.type,
+        "gpu_memory_gib": torch.cuda.get_device_properties(device).total_memory / 2 ** 30 if cuda else None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
 
 
 def loss_fn(model: FCMAE, backend: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -131,9 +205,14 @@ def useful_flops(model: FCMAE, imgs: torch.Tensor, mask: torch.Tensor, autocast)
     return enc_count.get_total_flops() * visible + dec_count.get_total_flops()
 
 
+def matmul_size(device: torch.device) -> tuple[int, int]:
+    """(side, repetitions) of the square matmul whose throughput is the MFU's denominator."""
+    return (8192, 20) if device.type == "cuda" else (1024, 5)
+
+
 def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     """Measured FLOP/s of a large square matmul: the practical peak the MFU is relative to."""
-    n, reps = (8192, 20) if device.type == "cuda" else (1024, 5)
+    n, reps = matmul_size(device)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
@@ -144,6 +223,19 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
         a @ b
     sync(device)
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+def write_profile(path: str, step: Callable[[], Any], device: torch.device, steps: int = 3) -> None:
+    """torch.profiler over `steps` calls of `step`: the ops that take the most device (or CPU) time, as a text table."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415 - only with --profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with open(path, "w") as f:
+        f.write(f"# {steps} steps, sorted by {sort}\n")
+        f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60) + "\n")
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
@@ -203,6 +295,11 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             if device.type == "cuda":
                 peak[b] = max(peak[b], torch.cuda.max_memory_allocated(device))
 
+    if args.profile is not None:
+        for b in backends:
+            path = os.path.join(args.profile, f"profile-{b}.txt")
+            write_profile(path, lambda b=b: step(b, masks[-1]), device)
+            print(f"wrote {path}")
     flops = useful_flops(model, imgs, masks[0], autocast)
     peak_flops = matmul_peak(device, torch.bfloat16 if dtype == "bf16" else torch.float32)
     print(f"useful work {flops / n / 1e9:.2f} GFLOP/img (fwd+bwd)  measured matmul peak "
@@ -226,4 +323,52 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         cpu_ratio = f"{ref['cpu_s'] / r['cpu_s']:.2f}" if ref else "-"
         print(f"{b:<8} {r['img_s']:>8.2f} {span:>24} {mem:>10} {ratio:>9} {mem_ratio:>13} {mfu:>6} "
               f"{r['cpu_s']:>11.2f} {cpu_ratio:>13}")
+    if args.json is not None:
+        document = json_document(args, device, dtype, results, flops, peak_flops, times)
+        write_json_atomic(args.json, document)
+        print(f"wrote {args.json}")
     return results
+
+
+def json_document(args: argparse.Namespace, device: torch.device, dtype: str, results: dict[str, dict[str, float]],
+                  flops: float, peak_flops: float, times: dict[str, list[float]]) -> dict[str, Any]:
+    """The run as one JSON-ready dict: environment, settings, and per backend img/s, step ms, memory, MFU, ratios."""
+    n_mm, reps = matmul_size(device)
+    ref = results.get("masked")
+    backends: dict[str, dict[str, Any]] = {}
+    for b, r in results.items():
+        mem = r.get("peak_mem_gib")
+        backends[b] = {
+            "img_s": r["img_s"],
+            "step_ms": 1e3 * r["step_s"],  # median
+            "step_ms_min": 1e3 * r["min_s"],
+            "step_ms_max": 1e3 * r["max_s"],
+            "step_ms_all": [1e3 * t for t in times[b]],
+            "cpu_s_per_step": r["cpu_s"],
+            "peak_mem_gib": mem,  # None on CPU
+            "mfu": r["mfu"],
+            "img_s_x_masked": r["img_s"] / ref["img_s"] if ref else None,
+            "peak_mem_x_masked": mem / ref["peak_mem_gib"] if ref and mem is not None else None,
+        }
+    return {
+        "schema": "fcmae-bench/1",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line(args),
+        "argv": shlex.join(sys.argv),  # as this process was started (pytest, python -m fcmae, ...)
+        **environment(device),
+        "model": args.model,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "mask_ratio": args.mask_ratio,
+        "decoder_dim": args.decoder_dim,
+        "dtype": dtype,
+        "compile": args.compile,
+        "channels_last": args.channels_last,
+        "variant": f"{'compile' if args.compile else 'eager'}-{'channels_last' if args.channels_last else 'nchw'}",
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "useful_gflop_per_img": flops / args.batch_size / 1e9,
+        "matmul_peak_tflops": peak_flops / 1e12,
+        "matmul_peak": {"shape": [n_mm, n_mm, n_mm], "dtype": "bf16" if dtype == "bf16" else "fp32", "reps": reps},
+        "backends": backends,
+    }
