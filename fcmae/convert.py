@@ -32,9 +32,8 @@ def fcmae_from_encoder(weights: EncoderWeights, decoder_dim: int = 512, decoder_
     model_args: dict[str, Any] = {
         "encoder_name": require_name(arch), "in_chans": arch.in_chans, "mask_ratio": mask_ratio,
         "decoder_dim": decoder_dim, "decoder_depth": decoder_depth, "norm_pix_loss": norm_pix_loss,
+        "patch_size": arch.patch_size,  # total stride = mask patch, read off the stem kernel (stride 2 -> 16)
     }
-    if arch.patch_size != 4:  # a non-standard stem stride goes to timm as patch_size
-        model_args["patch_size"] = arch.patch_size
     model = FCMAE(**model_args)
     load_encoder_weights(model.encoder, weights)
     return model, model_args

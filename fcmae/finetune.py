@@ -12,7 +12,6 @@ import json
 import os
 from typing import Any, Callable
 
-import timm
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -20,6 +19,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from convnextv2.encoder import create_convnextv2
 from fcmae.config import add_config_arguments, load_config, to_dict
 from fcmae.data.build import SkipSampler
 from fcmae.data.labeled import build_splits, python_seeded
@@ -28,7 +28,7 @@ from fcmae.engine.config import check_global_batch
 from fcmae.engine.distributed import DistInfo, cleanup_distributed, init_distributed
 from fcmae.engine.loop import amp_dtype, train
 from fcmae.engine.seeds import derive_seed
-from fcmae.finetune_config import FinetuneConfig
+from fcmae.finetune_config import FinetuneConfig, check_image_size
 from fcmae.layer_decay import param_groups
 from fcmae.metrics import ClassificationMeter
 
@@ -36,14 +36,15 @@ FORMAT = "fcmae-finetune"  # header of finetune checkpoints (a timm state_dict u
 
 
 def build_classifier(name: str, num_classes: int, drop_path: float = 0.0, head_init_scale: float = 1.0,
-                     in_chans: int = 3) -> nn.Module:
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path,
+                     in_chans: int = 3, patch_size: int = 32) -> nn.Module:
+    """timm's classifier at total stride patch_size (32 / 16 / 8: stem stride patch_size // 8, `create_convnextv2`)."""
+    return create_convnextv2(name, patch_size, num_classes=num_classes, drop_path_rate=drop_path,
                              head_init_scale=head_init_scale, in_chans=in_chans)
 
 
-def check_pretrained(path: str, name: str, in_chans: int | None = None) -> Any:
+def check_pretrained(path: str, name: str, in_chans: int | None = None, patch_size: int | None = None) -> Any:
     """Read a pretrained checkpoint (any format) -> EncoderWeights; ValueError when it holds another size or another
-    number of input channels than `in_chans` (None: any)."""
+    number of input channels than `in_chans` or another patch size (stem stride) than `patch_size` (None: any)."""
     from convnextv2.checkpoint import read_encoder
 
     weights = read_encoder(path)
@@ -54,6 +55,11 @@ def check_pretrained(path: str, name: str, in_chans: int | None = None) -> Any:
     if in_chans is not None and weights.arch.in_chans != in_chans:
         raise ValueError(f"model.init={path!r} was pretrained on {weights.arch.in_chans}-channel images, but "
                          f"model.in_chans={in_chans}; leave model.in_chans unset (null) to take the checkpoint's")
+    a = weights.arch
+    if patch_size is not None and a.patch_size != patch_size:
+        raise ValueError(f"model.init={path!r} was pretrained with patch size {a.patch_size} (stem stride "
+                         f"{a.stem_stride}), but model.patch_size={patch_size}; leave model.patch_size unset (null) to "
+                         "take the checkpoint's")
     return weights
 
 
@@ -87,8 +93,11 @@ class FinetuneTask:
     def __init__(self, cfg: FinetuneConfig, info: DistInfo):
         self.cfg, self.info = cfg, info
         m, d, a = cfg.model, cfg.data, cfg.aug
-        weights = check_pretrained(m.init, m.name, m.in_chans) if m.init != "none" else None  # fails before data
+        weights = check_pretrained(m.init, m.name, m.in_chans, m.patch_size) if m.init != "none" else None
         self.in_chans = m.in_chans or (weights.arch.in_chans if weights is not None else 3)
+        self.patch_size = m.patch_size or (weights.arch.patch_size if weights is not None else 32)
+        if m.patch_size is None and weights is not None:  # all of this fails before any data is read
+            check_image_size(d.image_size, self.patch_size, f" the checkpoint {m.init} was pretrained with")
         self.splits = build_splits(d, cfg.seed, in_chans=self.in_chans)
         self.classes = self.splits.classes
         k = len(self.classes)
@@ -106,7 +115,7 @@ class FinetuneTask:
                              f"({d.batch_size}); lower data.batch_size or add images")
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every process
-        self.model = build_classifier(m.name, k, m.drop_path, m.head_init_scale, self.in_chans)
+        self.model = build_classifier(m.name, k, m.drop_path, m.head_init_scale, self.in_chans, self.patch_size)
         self.load_info = None
         if weights is not None:
             from convnextv2.checkpoint import load_encoder_weights
@@ -161,7 +170,8 @@ class FinetuneTask:
 
     def checkpoint_header(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": 1, "classes": list(self.classes),
-                "model_args": {"name": self.cfg.model.name, "num_classes": self.num_classes, "in_chans": self.in_chans}}
+                "model_args": {"name": self.cfg.model.name, "num_classes": self.num_classes, "in_chans": self.in_chans,
+                               "patch_size": self.patch_size}}
 
     def after_step(self, step: int) -> None:
         if self.ema is not None:
@@ -231,7 +241,7 @@ def finetune(cfg: FinetuneConfig, on_loss: Callable[[int, torch.Tensor], torch.T
         task = FinetuneTask(cfg, info)
         if info.is_main:
             init = "from scratch" if task.load_info is None else f"from {cfg.model.init}"
-            print(f"fcmae finetune: {cfg.model.name} {init}, {task.num_classes} classes, {task.splits.where} "
+            print(f"fcmae finetune: {cfg.model.name} (patch size {task.patch_size}) {init}, {task.num_classes} classes, {task.splits.where} "
                   f"({len(task.splits.train)} train / {len(task.splits.val)} val images), {info.world_size} "
                   f"process(es) on {info.device}, global batch {cfg.data.batch_size}, {task.steps_per_epoch} "
                   f"steps/epoch -> {cfg.output_dir}", flush=True)

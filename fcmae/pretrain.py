@@ -34,7 +34,8 @@ class PretrainTask:
         self.micro_batch = check_global_batch(d.batch_size, cfg.optim.accum_steps, info.world_size)
         self.global_batch = d.batch_size
         torch.manual_seed(cfg.seed)  # identical initial weights on every process
-        self.model = FCMAE(m.name, m.in_chans, m.mask_ratio, m.decoder_dim, m.decoder_depth, m.norm_pix_loss, m.backend)
+        self.model = FCMAE(m.name, m.in_chans, m.mask_ratio, m.decoder_dim, m.decoder_depth, m.norm_pix_loss, m.backend,
+                           patch_size=m.patch_size)
         torch.manual_seed(derive_seed(cfg.seed, info.rank))  # back to the per-rank seed
         self.data = build_image_data(d, m.in_chans, self.micro_batch, cfg.optim.accum_steps, info, cfg.seed)
         self.steps_per_epoch = self.data.steps_per_epoch
@@ -70,7 +71,8 @@ class PretrainTask:
         m = self.cfg.model
         return {"format": "fcmae", "version": 1, "model_args": {
             "encoder_name": m.name, "in_chans": m.in_chans, "mask_ratio": m.mask_ratio,
-            "decoder_dim": m.decoder_dim, "decoder_depth": m.decoder_depth, "norm_pix_loss": m.norm_pix_loss}}
+            "decoder_dim": m.decoder_dim, "decoder_depth": m.decoder_depth, "norm_pix_loss": m.norm_pix_loss,
+            "patch_size": m.patch_size}}
 
     def end_of_epoch(self, epoch: int, last: bool) -> dict[str, Any]:
         every = self.cfg.log.vis_every_epochs

@@ -5,10 +5,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from convnextv2.backends import BACKENDS
-from convnextv2.encoder import MODEL_NAMES
+from convnextv2.encoder import MODEL_NAMES, stem_stride
 from fcmae.engine.config import RunConfig, check_global_batch, world_size_from_env
-
-PATCH = 32  # mask patch side of the standard ConvNeXt V2 (total stride)
 
 
 @dataclass
@@ -20,10 +18,12 @@ class ModelConfig:
     decoder_dim: int = 512
     decoder_depth: int = 1
     norm_pix_loss: bool = True
+    patch_size: int = 32  # mask patch side = encoder total stride (32 paper; 16 / 8 for small images: stem stride /8)
 
     def check(self) -> None:
         if self.name not in MODEL_NAMES:
             raise ValueError(f"model.name={self.name!r} is not valid; choose one of: {', '.join(MODEL_NAMES)}")
+        stem_stride(self.patch_size, key="model.patch_size")
         if self.backend not in BACKENDS:
             raise ValueError(f"model.backend={self.backend!r} is not valid; choose one of: {', '.join(sorted(BACKENDS))}")
         if self.in_chans < 1:
@@ -52,8 +52,6 @@ class DataConfig:
         if self.format != "digits" and not self.path:
             raise ValueError("data.path is not set; give an image folder, ImageFolder root or shard pattern "
                              "(or data.format=digits for the built-in demo set)")
-        if self.image_size < PATCH or self.image_size % PATCH:
-            raise ValueError(f"data.image_size={self.image_size} must be a positive multiple of {PATCH} (e.g. 224)")
         if self.num_workers < 0 or self.batch_size < 1:
             raise ValueError("data.num_workers must be >= 0 and data.batch_size >= 1")
         if not 0 < self.min_scale <= 1 or not 0 <= self.hflip <= 1:
@@ -71,6 +69,10 @@ class PretrainConfig(RunConfig):
         super().check()
         self.model.check()
         self.data.check()
+        p = self.model.patch_size
+        if self.data.image_size < p or self.data.image_size % p:
+            raise ValueError(f"data.image_size={self.data.image_size} must be a positive multiple of {p}, the mask patch "
+                             f"size model.patch_size (e.g. {max(p, self.data.image_size // p * p)}); change one of them")
         for key, stats in (("data.mean", self.data.mean), ("data.std", self.data.std)):
             if stats is not None and len(stats) != self.model.in_chans:
                 raise ValueError(f"{key} has {len(stats)} values but model.in_chans={self.model.in_chans}")

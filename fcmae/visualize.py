@@ -70,7 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="FCMAE checkpoint (a run's last.pt, or `fcmae convert --to fcmae` output)")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", default="grid.png", help="output PNG (default grid.png)")
-    p.add_argument("--size", type=int, default=None, help="image side, a multiple of 32 (default: the run's size, or 224)")
+    p.add_argument("--size", type=int, default=None, help="image side, a multiple of the checkpoint's patch size (default: the run's size, or 224)")
     p.add_argument("--mask-ratio", type=float, default=None, help="default: the checkpoint's")
     p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
     p.set_defaults(func=run)

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from timm.layers import trunc_normal_
 from torch import nn
@@ -22,6 +21,7 @@ from convnextv2.checkpoint.hf import hf_config, hf_to_timm, timm_to_hf
 from convnextv2.checkpoint.io import CheckpointError, atomic_write, load_file, save_state_dict
 from convnextv2.checkpoint.minkowski import minkowski_to_timm
 from convnextv2.checkpoint.reference import reference_to_timm
+from convnextv2.encoder import create_convnextv2
 
 HEAD_INIT_SCALE = 0.001  # the fine-tune recipes' head init scale (SPEC §3), timm's `head_init_scale`
 HEAD_KEYS = ("head.norm.weight", "head.norm.bias", "head.fc.weight", "head.fc.bias")
@@ -114,10 +114,11 @@ def encoder_part(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if not k.startswith("head.")}
 
 
-def timm_shapes(name: str, num_classes: int, in_chans: int = 3, patch_size: int = 4) -> dict[str, torch.Size]:
-    """Parameter shapes of timm's `name` (built on the meta device: no memory, no init cost, nothing downloaded)."""
+def timm_shapes(name: str, num_classes: int, in_chans: int = 3, patch_size: int = 32) -> dict[str, torch.Size]:
+    """Parameter shapes of timm's `name` at total stride `patch_size` (see `create_convnextv2`), built on the meta
+    device: no memory, no init cost, nothing downloaded."""
     with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, patch_size=patch_size)
+        model = create_convnextv2(name, patch_size, num_classes=num_classes, in_chans=in_chans)
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
