@@ -218,15 +218,17 @@ class FinetuneTask:
                              "metrics": dict(metrics), "config": to_dict(self.cfg)}, path)
 
     def export(self) -> dict[str, str]:
-        """The final model (and EMA) as timm state_dicts in safetensors: timm.create_model(name, pretrained=True,
-        pretrained_cfg_overlay=dict(file=PATH, num_classes=K), num_classes=K) loads them."""
-        from convnextv2.checkpoint import save_state_dict
+        """The final model (and EMA) as timm state_dicts in safetensors, the architecture in the safetensors header;
+        `convnextv2.checkpoint.timm_load_hint` says how plain timm loads them (at patch 32: timm.create_model(name,
+        pretrained=True, pretrained_cfg_overlay=dict(file=PATH, num_classes=K), num_classes=K))."""
+        from convnextv2.checkpoint import infer_arch, save_state_dict, timm_metadata
 
+        meta = timm_metadata(infer_arch(self.model.state_dict()))
         out = {"model": os.path.join(self.cfg.output_dir, "model.safetensors")}
-        save_state_dict(self.model.state_dict(), out["model"])
+        save_state_dict(self.model.state_dict(), out["model"], meta)
         if self.ema is not None:
             out["ema"] = os.path.join(self.cfg.output_dir, "model-ema.safetensors")
-            save_state_dict(self.ema.module.state_dict(), out["ema"])
+            save_state_dict(self.ema.module.state_dict(), out["ema"], meta)
         with open(os.path.join(self.cfg.output_dir, "classes.json"), "w") as f:
             json.dump(self.classes, f)
         return out
@@ -250,9 +252,13 @@ def finetune(cfg: FinetuneConfig, on_loss: Callable[[int, torch.Tensor], torch.T
         summary = train(cfg, task, info, on_loss=on_loss)
         if info.is_main:
             summary["exported"] = task.export()
+            from convnextv2.checkpoint import timm_load_hint
+
             print(f"best top-1 {task.best['top1']:.2f} (epoch {task.best['epoch']})"
                   + (f", EMA {task.best['ema_top1']:.2f} (epoch {task.best['ema_epoch']})" if task.ema else "")
-                  + f"; exported {', '.join(summary['exported'].values())}", flush=True)
+                  + f"; exported {', '.join(summary['exported'].values())}; load in timm: "
+                  + timm_load_hint(cfg.model.name, summary["exported"]["model"], task.num_classes, task.patch_size),
+                  flush=True)
         summary["best"] = dict(task.best)
         return summary
     finally:

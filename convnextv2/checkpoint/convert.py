@@ -240,11 +240,35 @@ def load_encoder_weights(model: nn.Module, src: str | os.PathLike | dict | Encod
                     weights.notes + notes)
 
 
+def timm_metadata(arch: Arch) -> dict[str, str]:
+    """The safetensors header entries of a timm export: how to rebuild the model (timm's own loader ignores them;
+    `patch_size` is the total stride, `stem_stride` timm's `patch_size` argument)."""
+    return {"model": arch.name or "", "in_chans": str(arch.in_chans), "patch_size": str(arch.patch_size),
+            "stem_stride": str(arch.stem_stride)}
+
+
+def timm_load_hint(name: str, path: str | os.PathLike, num_classes: int, patch_size: int = 32) -> str:
+    """One line of Python that loads an exported timm classifier file in plain timm, offline.
+
+    Patch 32 and 8 are timm's own layouts (`patch_size=4` / `1`). For 16, timm's `patch_size=2` adds a 2x2/2
+    downsample to stage 0 (total stride 32), which our stride-16 model does not have: replace it with Identity.
+    """
+    k, path = num_classes, str(path)
+    overlay = f"pretrained=True, pretrained_cfg_overlay=dict(file={path!r}, num_classes={k}), num_classes={k}"
+    stem = patch_size // 8
+    if stem != 2:
+        return f"timm.create_model({name!r}{'' if stem == 4 else f', patch_size={stem}'}, {overlay})"
+    load = (f"safetensors.torch.load_file({path!r})" if path.endswith(".safetensors")
+            else f"torch.load({path!r}, weights_only=True)")
+    return (f"m = timm.create_model({name!r}, patch_size=2, num_classes={k}); m.stages[0].downsample = "
+            f"torch.nn.Identity(); m.load_state_dict({load})")
+
+
 def write_timm(weights: EncoderWeights, dst: str | os.PathLike, num_classes: int | None = None,
                head_init_scale: float = HEAD_INIT_SCALE) -> list[str]:
     """Write a timm classifier state_dict (safetensors or torch by suffix) -> the fresh keys."""
     sd, fresh = timm_classifier_state_dict(weights, num_classes, head_init_scale)
-    save_state_dict(sd, dst)
+    save_state_dict(sd, dst, timm_metadata(weights.arch))
     return fresh
 
 
