@@ -116,3 +116,19 @@ def test_cli_reports_a_bad_patch_size_in_one_line(capsys):
     assert main(["pretrain", "data.path=/x", "model.patch_size=64"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "model.patch_size=64 is not valid" in err
+
+
+def test_visualize_and_bench_at_small_patches(pretrained16, images, tmp_path, capsys):
+    grid = tmp_path / "grid.png"
+    img = os.path.join(images, "train", "class_0", "img_000.jpg")
+    assert main(["visualize", str(pretrained16 / "last.pt"), img, "--out", str(grid)]) == 0
+    from PIL import Image
+    assert Image.open(grid).size == (4 * 32 + 5 * 2, 32 + 2 * 2)  # the run's 32 px, one row
+    assert main(["visualize", str(pretrained16 / "last.pt"), img, "--size", "40"]) == 2
+    assert "--size 40 must be a multiple of 16" in capsys.readouterr().err
+    argv = ["bench", "--model", "convnextv2_atto", "--batch-size", "2", "--image-size", "32", "--patch-size", "8",
+            "--decoder-dim", "32", "--steps", "1", "--warmup", "0", "--device", "cpu", "--backends", "masked,packed"]
+    assert main(argv) == 0
+    assert "image 32px  patch 8" in capsys.readouterr().out
+    assert main(["bench", "--device", "cpu", "--image-size", "40", "--patch-size", "16"]) == 2
+    assert "multiple of the patch size 16" in capsys.readouterr().err
