@@ -14,6 +14,18 @@ SIZES = ("atto", "femto", "pico", "nano", "tiny", "small", "base", "large", "hug
 MODEL_NAMES: tuple[str, ...] = tuple(
     f"convnextv2_{size}" for size in SIZES if f"convnextv2_{size}" in timm.list_models("convnextv2_*")
 )
+# Mask patch sides (= the encoder's total stride) FCMAE supports: the paper's 32 (timm's 4x4 stem) and 16 / 8 for small
+# images (a 2x2 / 1x1 stem). The three downsamples halve the resolution each, so the stem stride is patch_size // 8.
+PATCH_SIZES = (32, 16, 8)
+DOWNSAMPLE = 8  # 2 ** 3: the total stride of ConvNeXt's three 2x2/2 downsamples
+
+
+def stem_stride(patch_size: int, key: str = "patch_size") -> int:
+    """Mask patch side (32 / 16 / 8) -> timm's stem stride (`timm.create_model(..., patch_size=)`: 4 / 2 / 1)."""
+    if patch_size not in PATCH_SIZES:
+        raise ValueError(f"{key}={patch_size!r} is not valid; choose one of: {', '.join(map(str, PATCH_SIZES))} "
+                         "(the mask patch side; 32 is the paper's, 16 / 8 for small images)")
+    return patch_size // DOWNSAMPLE
 
 
 def check_model_name(name: str) -> None:
@@ -21,26 +33,52 @@ def check_model_name(name: str) -> None:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODEL_NAMES)}")
 
 
-def create_encoder(name: str, in_chans: int = 3, **kwargs) -> ConvNeXt:
+def create_convnextv2(name: str, patch_size: int = 32, **kwargs) -> ConvNeXt:
+    """timm's `convnextv2_<size>` with total stride `patch_size` (32 / 16 / 8), randomly initialised.
+
+    The stem is a k x k / k patch conv with k = patch_size // 8 (timm's own `patch_size` argument), followed by the
+    usual 2x2/2 downsamples before stages 1-3. timm's `patch_size=2` also gives stage 0 a 2x2/2 downsample (keeping
+    the total stride at 32); that layer is replaced by Identity here, so a stride-2 stem gives total stride 16, the
+    layout of Hugging Face's ConvNextV2 with `patch_size=2`. Extra keyword arguments go to `timm.create_model`.
+    """
+    check_model_name(name)
+    if kwargs.get("pretrained"):
+        raise ValueError("create_convnextv2 builds random weights; load a checkpoint with convnextv2.checkpoint")
+    stride = stem_stride(patch_size)
+    model = timm.create_model(name, pretrained=False, patch_size=stride, **kwargs)
+    if not isinstance(model.stages[0].downsample, nn.Identity):
+        model.stages[0].downsample = nn.Identity()
+        for i, info in enumerate(model.feature_info):
+            info["reduction"] = stride * 2 ** i
+    return model
+
+
+def create_encoder(name: str, in_chans: int = 3, patch_size: int = 32, **kwargs) -> ConvNeXt:
     """A timm `convnextv2_<size>` with no classifier (`num_classes=0`), randomly initialised (nothing downloads).
 
-    Extra keyword arguments go to `timm.create_model` (e.g. `patch_size` for the stem stride, `drop_path_rate`).
+    patch_size: the total stride = FCMAE's mask patch side (32 / 16 / 8; see `create_convnextv2`). Extra keyword
+    arguments go to `timm.create_model` (e.g. `drop_path_rate`).
     The head's final LayerNorm is kept so that the state_dict stays timm's, but FCMAE never uses it, so it is
     frozen here: no optimizer state, no unused-parameter trouble under DDP. A fine-tune re-enables it.
     """
-    check_model_name(name)
     if in_chans < 1:
         raise ValueError(f"in_chans must be >= 1, got {in_chans}")
     kwargs.setdefault("num_classes", 0)
-    model = timm.create_model(name, pretrained=False, in_chans=in_chans, **kwargs)
+    model = create_convnextv2(name, patch_size, in_chans=in_chans, **kwargs)
     if model.num_classes == 0:
         model.head.requires_grad_(False)
     return model
 
 
 def encoder_patch_size(encoder: ConvNeXt) -> int:
-    """The encoder's total stride: the side of one mask patch (32 with the standard 4x stem)."""
-    return int(encoder.feature_info[-1]["reduction"])
+    """The encoder's total stride, from its modules: the stem's stride times every downsample's (32 standard).
+
+    (Read off the convs, not timm's `feature_info`, which does not know about a replaced downsample.)"""
+    stride = encoder.stem[0].stride[0]
+    for stage in encoder.stages:
+        if isinstance(stage.downsample, nn.Sequential):
+            stride *= stage.downsample[1].stride[0]
+    return int(stride)
 
 
 def check_patch_local(encoder: nn.Module) -> None:

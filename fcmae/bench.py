@@ -31,6 +31,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from convnextv2.backends import BACKENDS
+from convnextv2.encoder import PATCH_SIZES
 from convnextv2.sparse import sparse_forward
 from fcmae.model import FCMAE
 
@@ -51,8 +52,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="convnextv2_tiny", help="timm ConvNeXt V2 name")
     p.add_argument("--batch-size", type=int, default=8, help="images per step")
-    p.add_argument("--image-size", type=int, default=224, help="square side in pixels, a multiple of 32")
-    p.add_argument("--mask-ratio", type=float, default=0.6, help="fraction of 32-px patches masked")
+    p.add_argument("--image-size", type=int, default=224, help="square side in pixels, a multiple of --patch-size")
+    p.add_argument("--patch-size", type=int, default=32, choices=PATCH_SIZES,
+                   help="mask patch side = total stride (16 / 8: stem stride 2 / 1)")
+    p.add_argument("--mask-ratio", type=float, default=0.6, help="fraction of mask patches masked")
     p.add_argument("--decoder-dim", type=int, default=512, help="FCMAE decoder width")
     p.add_argument("--backends", default="masked,packed,dense",
                    help=f"comma list of sparse backends and/or '{DENSE}'")
@@ -79,8 +82,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], torch.device, str]:
     bad = [b for b in backends if b not in valid]
     if not backends or bad:
         raise ValueError(f"unknown backend(s) {bad or args.backends!r} in --backends; valid: {', '.join(valid)}")
-    if args.image_size <= 0 or args.image_size % 32:
-        raise ValueError(f"--image-size {args.image_size} is not a positive multiple of the patch size 32")
+    if args.image_size <= 0 or args.image_size % args.patch_size:
+        raise ValueError(f"--image-size {args.image_size} is not a positive multiple of the patch size {args.patch_size}")
     for name in ("batch_size", "steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -243,7 +246,8 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = FCMAE(args.model, mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim).to(device)
+    model = FCMAE(args.model, mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim,
+                  patch_size=args.patch_size).to(device)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format)
     # foreach: the multi-tensor AdamW (torch's default on CUDA) also on CPU, where it is ~2x faster than per-tensor.
@@ -276,7 +280,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     print(f"fcmae bench  {datetime.date.today()}  torch {torch.__version__}  "
           f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}"
           f"  threads {torch.get_num_threads()}")
-    print(f"model {args.model}  batch {n}  image {size}px  mask ratio {args.mask_ratio}  {dtype}  "
+    print(f"model {args.model}  batch {n}  image {size}px  patch {args.patch_size}  mask ratio {args.mask_ratio}  {dtype}  "
           f"compile {args.compile}  channels_last {args.channels_last}  warmup {args.warmup}  steps {args.steps}")
     times: dict[str, list[float]] = {b: [] for b in backends}
     cpu_times: dict[str, list[float]] = {b: [] for b in backends}  # CPU seconds of this process: on a shared CPU,

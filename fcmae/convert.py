@@ -12,7 +12,7 @@ from typing import Any
 
 from convnextv2.checkpoint import (
     EncoderWeights, load_encoder_weights, read_encoder, save_state_dict, save_torch, timm_classifier_state_dict,
-    write_hf,
+    timm_load_hint, timm_metadata, write_hf,
 )
 from convnextv2.checkpoint.convert import require_name
 from fcmae.model import FCMAE
@@ -32,9 +32,8 @@ def fcmae_from_encoder(weights: EncoderWeights, decoder_dim: int = 512, decoder_
     model_args: dict[str, Any] = {
         "encoder_name": require_name(arch), "in_chans": arch.in_chans, "mask_ratio": mask_ratio,
         "decoder_dim": decoder_dim, "decoder_depth": decoder_depth, "norm_pix_loss": norm_pix_loss,
+        "patch_size": arch.patch_size,  # total stride = mask patch, read off the stem kernel (stride 2 -> 16)
     }
-    if arch.patch_size != 4:  # a non-standard stem stride goes to timm as patch_size
-        model_args["patch_size"] = arch.patch_size
     model = FCMAE(**model_args)
     load_encoder_weights(model.encoder, weights)
     return model, model_args
@@ -86,14 +85,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {"weights": weights, "fresh": ["decoder"]}
     if args.to == "timm":
         sd, fresh = timm_classifier_state_dict(weights, args.num_classes)
-        save_state_dict(sd, dst)
+        save_state_dict(sd, dst, timm_metadata(weights.arch))
         k = int(sd["head.fc.weight"].shape[0]) if "head.fc.weight" in sd else 0
-        print(f"wrote {dst}: timm {name} state_dict, {k} classes; fresh: {_parts(fresh)} (head.fc init scale 0.001)")
+        print(f"wrote {dst}: timm {name} state_dict (patch size {weights.arch.patch_size}), {k} classes; fresh: "
+              f"{_parts(fresh)} (head.fc init scale 0.001)")
         # timm re-draws head.fc when num_classes differs from the pretrained_cfg's (1000): say it in the overlay.
-        print(f"  load: timm.create_model({name!r}, pretrained=True, pretrained_cfg_overlay=dict(file={str(dst)!r}, "
-              f"num_classes={k}), num_classes={k})")
+        print(f"  load: {timm_load_hint(name, dst, k, weights.arch.patch_size)}")
     else:
         fresh = write_hf(weights, dst, args.num_classes)
         print(f"wrote {dst}: Hugging Face ConvNextV2 state_dict{' + config.json' if not dst.suffix else ''}; "
-              f"fresh: {_parts(fresh)}")
+              f"fresh: {_parts(fresh)}" + (f"; build it with ConvNextV2Config(patch_size={weights.arch.stem_stride})"
+                                           if weights.arch.stem_stride != 4 else ""))
     return {"weights": weights, "fresh": fresh}

@@ -12,11 +12,12 @@ from typing import Any, Literal
 
 import torch
 
+from convnextv2.encoder import PATCH_SIZES, encoder_patch_size
 from fcmae.config import add_config_arguments, from_dict, merge, parse_overrides
 from fcmae.data.folder import ImageFiles, imagefolder_samples, is_imagefolder
 from fcmae.data.labeled import DIGIT_CLASSES, build_splits, eval_transform, normalization, val_samples
 from fcmae.engine.distributed import cleanup_distributed, init_distributed
-from fcmae.finetune_config import FinetuneDataConfig
+from fcmae.finetune_config import FinetuneDataConfig, check_image_size
 from fcmae.metrics import ClassificationMeter
 
 DATA_KEYS = ("path", "train_path", "val_path", "format", "image_size", "crop_pct", "mean", "std", "digits_per_class",
@@ -34,15 +35,15 @@ class EvalConfig:
         d = self.data
         if d.format != "digits" and not (d.path or d.val_path):
             raise ValueError("data.path is not set; give the val ImageFolder (or a root with val/), or data.val_path")
-        if d.image_size < 32 or d.image_size % 32 or not 0 < d.crop_pct <= 1:
-            raise ValueError("data.image_size must be a multiple of 32 and data.crop_pct in (0, 1]")
+        check_image_size(d.image_size, min(PATCH_SIZES))  # the model's own patch size: in `evaluate`
+        if not 0 < d.crop_pct <= 1:
+            raise ValueError(f"data.crop_pct must be in (0, 1], got {d.crop_pct}")
 
 
 def load_classifier(path: str, ema: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
     """-> (timm classifier with the checkpoint's weights, the raw checkpoint dict or {} for a bare state_dict)."""
-    import timm
-
     from convnextv2.checkpoint import load_file, read_encoder, timm_classifier_state_dict
+    from convnextv2.encoder import create_convnextv2
 
     raw = load_file(path)
     meta = raw if isinstance(raw, dict) and "model" in raw else {}
@@ -61,7 +62,7 @@ def load_classifier(path: str, ema: bool = False) -> tuple[torch.nn.Module, dict
     sd, fresh = timm_classifier_state_dict(weights, int(fc.shape[0]))
     if fresh:
         raise ValueError(f"{path!r} lacks {', '.join(fresh)}; it is not a complete classifier")
-    model = timm.create_model(weights.arch.name, pretrained=False, num_classes=int(fc.shape[0]),
+    model = create_convnextv2(weights.arch.name, weights.arch.patch_size, num_classes=int(fc.shape[0]),
                               in_chans=weights.arch.in_chans)
     model.load_state_dict(sd, strict=True)
     return model, meta
@@ -90,6 +91,7 @@ def evaluate(ckpt: str, cfg: EvalConfig, meta: dict | None = None, model=None) -
     try:
         if model is None:
             model, meta = load_classifier(ckpt, cfg.ema)
+        check_image_size(cfg.data.image_size, encoder_patch_size(model), " of the model")
         dataset, classes = eval_dataset(cfg.data, (meta or {}).get("classes"), model.stem[0].in_channels)
         k = model.num_classes
         if len(classes) != k:

@@ -12,7 +12,6 @@ import json
 import os
 from typing import Any, Callable
 
-import timm
 import torch
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -20,6 +19,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
+from convnextv2.encoder import create_convnextv2
 from fcmae.config import add_config_arguments, load_config, to_dict
 from fcmae.data.build import SkipSampler
 from fcmae.data.labeled import build_splits, python_seeded
@@ -29,7 +29,7 @@ from fcmae.engine.distributed import DistInfo, cleanup_distributed, init_distrib
 from fcmae.engine.loop import amp_dtype, train
 from fcmae.engine.resume import prepare_resume
 from fcmae.engine.seeds import derive_seed
-from fcmae.finetune_config import FinetuneConfig
+from fcmae.finetune_config import FinetuneConfig, check_image_size
 from fcmae.layer_decay import param_groups
 from fcmae.metrics import ClassificationMeter
 
@@ -37,10 +37,10 @@ FORMAT = "fcmae-finetune"  # header of finetune checkpoints (a timm state_dict u
 
 
 def build_classifier(name: str, num_classes: int, drop_path: float = 0.0, head_init_scale: float = 1.0,
-                     in_chans: int = 3, stem_stride: int = 4) -> nn.Module:
-    """timm's `name` (num_classes 0: no classifier, the pooled-feature model); stem_stride is timm's `patch_size`."""
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, drop_path_rate=drop_path,
-                             head_init_scale=head_init_scale, in_chans=in_chans, patch_size=stem_stride)
+                     in_chans: int = 3, patch_size: int = 32) -> nn.Module:
+    """timm's classifier at total stride patch_size (32 / 16 / 8: stem stride patch_size // 8, `create_convnextv2`)."""
+    return create_convnextv2(name, patch_size, num_classes=num_classes, drop_path_rate=drop_path,
+                             head_init_scale=head_init_scale, in_chans=in_chans)
 
 
 def encoder_from_checkpoint(src: Any) -> tuple[nn.Module, Any]:
@@ -52,14 +52,14 @@ def encoder_from_checkpoint(src: Any) -> tuple[nn.Module, Any]:
 
     weights = read_encoder(src)
     arch = weights.arch
-    model = build_classifier(require_name(arch), 0, in_chans=arch.in_chans, stem_stride=arch.patch_size)
+    model = build_classifier(require_name(arch), 0, in_chans=arch.in_chans, patch_size=arch.patch_size)
     load_encoder_weights(model, weights)
     return model.eval(), weights
 
 
-def check_pretrained(path: str, name: str, in_chans: int | None = None) -> Any:
+def check_pretrained(path: str, name: str, in_chans: int | None = None, patch_size: int | None = None) -> Any:
     """Read a pretrained checkpoint (any format) -> EncoderWeights; ValueError when it holds another size or another
-    number of input channels than `in_chans` (None: any)."""
+    number of input channels than `in_chans` or another patch size (stem stride) than `patch_size` (None: any)."""
     from convnextv2.checkpoint import read_encoder
 
     weights = read_encoder(path)
@@ -70,6 +70,11 @@ def check_pretrained(path: str, name: str, in_chans: int | None = None) -> Any:
     if in_chans is not None and weights.arch.in_chans != in_chans:
         raise ValueError(f"model.init={path!r} was pretrained on {weights.arch.in_chans}-channel images, but "
                          f"model.in_chans={in_chans}; leave model.in_chans unset (null) to take the checkpoint's")
+    a = weights.arch
+    if patch_size is not None and a.patch_size != patch_size:
+        raise ValueError(f"model.init={path!r} was pretrained with patch size {a.patch_size} (stem stride "
+                         f"{a.stem_stride}), but model.patch_size={patch_size}; leave model.patch_size unset (null) to "
+                         "take the checkpoint's")
     return weights
 
 
@@ -108,9 +113,13 @@ class FinetuneTask:
         m, d, a = cfg.model, cfg.data, cfg.aug
         weights = None
         if m.init != "none" and resumed is None:
-            weights = check_pretrained(m.init, m.name, m.in_chans)  # fails before data
-        resumed_chans = ((resumed or {}).get("model_args") or {}).get("in_chans")
-        self.in_chans = m.in_chans or resumed_chans or (weights.arch.in_chans if weights is not None else 3)
+            weights = check_pretrained(m.init, m.name, m.in_chans, m.patch_size)  # fails before data
+        resumed_args = (resumed or {}).get("model_args") or {}
+        self.in_chans = m.in_chans or resumed_args.get("in_chans") or (weights.arch.in_chans if weights is not None else 3)
+        self.patch_size = m.patch_size or resumed_args.get("patch_size") or (
+            weights.arch.patch_size if weights is not None else 32)
+        if m.patch_size is None and weights is not None:  # all of this fails before any data is read
+            check_image_size(d.image_size, self.patch_size, f" the checkpoint {m.init} was pretrained with")
         self.splits = build_splits(d, cfg.seed, in_chans=self.in_chans)
         self.classes = self.splits.classes
         k = len(self.classes)
@@ -128,7 +137,7 @@ class FinetuneTask:
                              f"({d.batch_size}); lower data.batch_size or add images")
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every process
-        self.model = build_classifier(m.name, k, m.drop_path, m.head_init_scale, self.in_chans)
+        self.model = build_classifier(m.name, k, m.drop_path, m.head_init_scale, self.in_chans, self.patch_size)
         self.load_info = None
         if weights is not None:
             from convnextv2.checkpoint import load_encoder_weights
@@ -183,7 +192,8 @@ class FinetuneTask:
 
     def checkpoint_header(self) -> dict[str, Any]:
         return {"format": FORMAT, "version": 1, "classes": list(self.classes),
-                "model_args": {"name": self.cfg.model.name, "num_classes": self.num_classes, "in_chans": self.in_chans}}
+                "model_args": {"name": self.cfg.model.name, "num_classes": self.num_classes, "in_chans": self.in_chans,
+                               "patch_size": self.patch_size}}
 
     def after_step(self, step: int) -> None:
         if self.ema is not None:
@@ -230,15 +240,17 @@ class FinetuneTask:
                              "metrics": dict(metrics), "config": to_dict(self.cfg)}, path)
 
     def export(self) -> dict[str, str]:
-        """The final model (and EMA) as timm state_dicts in safetensors: timm.create_model(name, pretrained=True,
-        pretrained_cfg_overlay=dict(file=PATH, num_classes=K), num_classes=K) loads them."""
-        from convnextv2.checkpoint import save_state_dict
+        """The final model (and EMA) as timm state_dicts in safetensors, the architecture in the safetensors header;
+        `convnextv2.checkpoint.timm_load_hint` says how plain timm loads them (at patch 32: timm.create_model(name,
+        pretrained=True, pretrained_cfg_overlay=dict(file=PATH, num_classes=K), num_classes=K))."""
+        from convnextv2.checkpoint import infer_arch, save_state_dict, timm_metadata
 
+        meta = timm_metadata(infer_arch(self.model.state_dict()))
         out = {"model": os.path.join(self.cfg.output_dir, "model.safetensors")}
-        save_state_dict(self.model.state_dict(), out["model"])
+        save_state_dict(self.model.state_dict(), out["model"], meta)
         if self.ema is not None:
             out["ema"] = os.path.join(self.cfg.output_dir, "model-ema.safetensors")
-            save_state_dict(self.ema.module.state_dict(), out["ema"])
+            save_state_dict(self.ema.module.state_dict(), out["ema"], meta)
         with open(os.path.join(self.cfg.output_dir, "classes.json"), "w") as f:
             json.dump(self.classes, f)
         return out
@@ -248,7 +260,7 @@ def finetune(cfg: FinetuneConfig, on_loss: Callable[[int, torch.Tensor], torch.T
     """Run (or resume) a fine-tuning; joins/leaves the process group when WORLD_SIZE > 1. Returns the summary
     (last epoch's loss, top1/top5/ema_top1/ema_top5, best_top1/best_ema_top1, exported files)."""
     header = {"format": FORMAT, "model_args": {"name": cfg.model.name, "num_classes": cfg.model.num_classes,
-                                               "in_chans": cfg.model.in_chans}}
+                                               "in_chans": cfg.model.in_chans, "patch_size": cfg.model.patch_size}}
     resume = prepare_resume(cfg.output_dir, cfg.resume, header)  # before data, files and devices
     info = init_distributed(cfg.device)
     try:
@@ -257,7 +269,8 @@ def finetune(cfg: FinetuneConfig, on_loss: Callable[[int, torch.Tensor], torch.T
         if info.is_main:
             init = ("from scratch" if cfg.model.init == "none" else f"from {cfg.model.init}"
                     if resume is None else "resuming (model.init not read)")
-            print(f"fcmae finetune: {cfg.model.name} {init}, {task.num_classes} classes, {task.splits.where} "
+            print(f"fcmae finetune: {cfg.model.name} (patch size {task.patch_size}) {init}, {task.num_classes} classes, "
+                  f"{task.splits.where} "
                   f"({len(task.splits.train)} train / {len(task.splits.val)} val images), {info.world_size} "
                   f"process(es) on {info.device}, global batch {cfg.data.batch_size}, {task.steps_per_epoch} "
                   f"steps/epoch -> {cfg.output_dir}", flush=True)
@@ -266,9 +279,13 @@ def finetune(cfg: FinetuneConfig, on_loss: Callable[[int, torch.Tensor], torch.T
         summary = train(cfg, task, info, on_loss=on_loss, resume=resume)
         if info.is_main:
             summary["exported"] = task.export()
+            from convnextv2.checkpoint import timm_load_hint
+
             print(f"best top-1 {task.best['top1']:.2f} (epoch {task.best['epoch']})"
                   + (f", EMA {task.best['ema_top1']:.2f} (epoch {task.best['ema_epoch']})" if task.ema else "")
-                  + f"; exported {', '.join(summary['exported'].values())}", flush=True)
+                  + f"; exported {', '.join(summary['exported'].values())}; load in timm: "
+                  + timm_load_hint(cfg.model.name, summary["exported"]["model"], task.num_classes, task.patch_size),
+                  flush=True)
         summary["best"] = dict(task.best)
         return summary
     finally:

@@ -5,9 +5,16 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from convnextv2.encoder import MODEL_NAMES
+from convnextv2.encoder import MODEL_NAMES, PATCH_SIZES, stem_stride
 from fcmae.engine.config import OptimConfig, RunConfig, check_global_batch, world_size_from_env
 from fcmae.layer_decay import SCHEMES
+
+
+def check_image_size(image_size: int, patch_size: int, why: str = "") -> None:
+    """ValueError unless image_size is a positive multiple of the model's patch size (its total stride)."""
+    if image_size < patch_size or image_size % patch_size:
+        raise ValueError(f"data.image_size={image_size} must be a positive multiple of the patch size {patch_size}"
+                         f"{why} (e.g. {max(patch_size, image_size // patch_size * patch_size)})")
 
 
 @dataclass
@@ -16,6 +23,7 @@ class FinetuneModelConfig:
     init: str = "none"  # FCMAE run checkpoint or any checkpoint `fcmae convert` reads; "none" = from scratch
     num_classes: Optional[int] = None  # None: the number of classes in the training data
     in_chans: Optional[int] = None  # input channels; None: the pretrained checkpoint's (3 from scratch)
+    patch_size: Optional[int] = None  # total stride 32 / 16 / 8 (stem stride /8); None: the checkpoint's (32 from scratch)
     drop_path: float = 0.1  # stochastic depth rate (timm drop_path_rate)
     head_init_scale: float = 0.001  # fresh classifier weights are scaled by this (SPEC §3)
 
@@ -24,6 +32,8 @@ class FinetuneModelConfig:
             raise ValueError(f"model.name={self.name!r} is not valid; choose one of: {', '.join(MODEL_NAMES)}")
         if not self.init:
             raise ValueError("model.init is empty; give a checkpoint file or 'none' (train from scratch)")
+        if self.patch_size is not None:
+            stem_stride(self.patch_size, key="model.patch_size")
         if self.in_chans is not None and self.in_chans < 1:
             raise ValueError(f"model.in_chans must be >= 1 or null (the pretrained checkpoint's), got {self.in_chans}")
         if self.num_classes is not None and self.num_classes < 1:
@@ -56,8 +66,7 @@ class FinetuneDataConfig:
         if self.format != "digits" and not self.path and not (self.train_path and self.val_path):
             raise ValueError("data.path is not set; give an ImageFolder root with train/ and val/ subfolders, or "
                              "data.train_path and data.val_path (or data.format=digits for the built-in set)")
-        if self.image_size < 32 or self.image_size % 32:
-            raise ValueError(f"data.image_size={self.image_size} must be a positive multiple of 32 (e.g. 224)")
+        check_image_size(self.image_size, min(PATCH_SIZES))  # the model's patch size is checked once it is known
         if self.batch_size < 1 or self.eval_batch_size < 1 or self.num_workers < 0:
             raise ValueError("data.batch_size and data.eval_batch_size must be >= 1, data.num_workers >= 0")
         if not 0 < self.crop_pct <= 1 or not 0 <= self.reprob <= 1 or not 0 < self.min_scale <= 1:
@@ -133,6 +142,10 @@ class FinetuneConfig(RunConfig):
         if self.model.init != "none" and not os.path.isfile(self.model.init) and not self.resuming():
             raise ValueError(f"model.init={self.model.init!r} is not a file; give a pretrained checkpoint or 'none'")
         self.data.check()
+        if self.model.patch_size is not None:
+            check_image_size(self.data.image_size, self.model.patch_size, " (model.patch_size)")
+        elif self.model.init == "none":
+            check_image_size(self.data.image_size, max(PATCH_SIZES), " (from scratch; or set model.patch_size)")
         self.aug.check()
         self.ema.check()
         micro = check_global_batch(self.data.batch_size, self.optim.accum_steps, world_size_from_env())

@@ -9,7 +9,7 @@ from torch import nn
 
 from convnextv2 import create_encoder
 from convnextv2.backends import get_backend
-from convnextv2.encoder import check_patch_local, encoder_patch_size
+from convnextv2.encoder import check_patch_local, encoder_patch_size, stem_stride
 from convnextv2.sparse import sparse_forward
 from fcmae.masking import num_visible, patchify, random_mask
 
@@ -49,7 +49,7 @@ class FCMAE(nn.Module):
     """Fully convolutional masked autoencoder around a timm ConvNeXt V2 (`self.encoder` is the timm model).
 
     forward(imgs, mask=None) -> (loss, pred, mask)
-        imgs (N, in_chans, H, W), normalised, H and W multiples of the patch size p (32)
+        imgs (N, in_chans, H, W), normalised, H and W multiples of the patch size p (`patch_size`: 32, 16 or 8)
         mask (N, H/p, W/p), 1 = masked; drawn per SPEC §2 when None
         loss scalar: per-patch MSE (on normalised pixels if norm_pix_loss) averaged over masked patches only
         pred (N, L, p*p*in_chans), the `patchify` layout, L = (H/p)*(W/p)
@@ -64,9 +64,13 @@ class FCMAE(nn.Module):
         decoder_depth: int = 1,
         norm_pix_loss: bool = True,
         backend: str = "packed",
+        patch_size: int = 32,
         **encoder_kwargs,
     ):
+        """patch_size: the mask patch side = the encoder's total stride (32 / 16 / 8); the timm encoder is built with
+        stem stride patch_size // 8 (see `convnextv2.encoder.create_convnextv2`). encoder_kwargs go to timm."""
         super().__init__()
+        stem_stride(patch_size)  # a clear error for anything but 32 / 16 / 8, before building anything
         num_visible(100, mask_ratio)  # validate the ratio now, not at the first batch
         if decoder_dim < 1 or decoder_depth < 0:
             raise ValueError(f"decoder_dim must be >= 1 and decoder_depth >= 0, got {decoder_dim}, {decoder_depth}")
@@ -75,7 +79,8 @@ class FCMAE(nn.Module):
         self.in_chans = in_chans
         get_backend(backend)  # fail now on an unknown name
         self.backend = backend
-        self.encoder = create_encoder(encoder_name, in_chans, **encoder_kwargs)  # the timm model; keys `encoder.*`
+        # the timm model; keys `encoder.*`
+        self.encoder = create_encoder(encoder_name, in_chans, patch_size, **encoder_kwargs)
         check_patch_local(self.encoder)
         self.patch_size = encoder_patch_size(self.encoder)
         self.decoder = FCMAEDecoder(

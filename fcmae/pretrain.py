@@ -29,7 +29,8 @@ def checkpoint_header(cfg: PretrainConfig) -> dict[str, Any]:
     m = cfg.model
     return {"format": "fcmae", "version": 1, "model_args": {
         "encoder_name": m.name, "in_chans": m.in_chans, "mask_ratio": m.mask_ratio,
-        "decoder_dim": m.decoder_dim, "decoder_depth": m.decoder_depth, "norm_pix_loss": m.norm_pix_loss}}
+        "decoder_dim": m.decoder_dim, "decoder_depth": m.decoder_depth, "norm_pix_loss": m.norm_pix_loss,
+        "patch_size": m.patch_size}}
 
 
 def load_init(model: FCMAE, path: str, cfg: PretrainConfig) -> str:
@@ -49,6 +50,9 @@ def load_init(model: FCMAE, path: str, cfg: PretrainConfig) -> str:
     if weights.arch.in_chans != m.in_chans:
         raise ValueError(f"model.init={path!r} holds {weights.arch.in_chans}-channel weights, but "
                          f"model.in_chans={m.in_chans}; set model.in_chans={weights.arch.in_chans}")
+    if weights.arch.patch_size != m.patch_size:
+        raise ValueError(f"model.init={path!r} holds an encoder with patch size {weights.arch.patch_size}, but "
+                         f"model.patch_size={m.patch_size}; set model.patch_size={weights.arch.patch_size}")
     info = load_encoder_weights(model.encoder, weights, head_init_scale=None)
     decoder = "fresh"
     if weights.format == "fcmae":
@@ -80,7 +84,8 @@ class PretrainTask:
         self.micro_batch = check_global_batch(d.batch_size, cfg.optim.accum_steps, info.world_size)
         self.global_batch = d.batch_size
         torch.manual_seed(cfg.seed)  # identical initial weights on every process
-        self.model = FCMAE(m.name, m.in_chans, m.mask_ratio, m.decoder_dim, m.decoder_depth, m.norm_pix_loss, m.backend)
+        self.model = FCMAE(m.name, m.in_chans, m.mask_ratio, m.decoder_dim, m.decoder_depth, m.norm_pix_loss, m.backend,
+                           patch_size=m.patch_size)
         self.init_info = load_init(self.model, m.init, cfg) if m.init != "none" and not resuming else None
         torch.manual_seed(derive_seed(cfg.seed, info.rank))  # back to the per-rank seed
         self.data = build_image_data(d, m.in_chans, self.micro_batch, cfg.optim.accum_steps, info, cfg.seed)

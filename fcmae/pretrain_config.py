@@ -7,12 +7,10 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from convnextv2.backends import BACKENDS
-from convnextv2.encoder import MODEL_NAMES
+from convnextv2.encoder import MODEL_NAMES, stem_stride
 from fcmae.engine.config import RunConfig, check_global_batch, world_size_from_env
 from fcmae.finetune_config import FinetuneDataConfig
 from fcmae.masking import num_visible
-
-PATCH = 32  # mask patch side of the standard ConvNeXt V2 (total stride)
 
 
 @dataclass
@@ -25,12 +23,14 @@ class ModelConfig:
     decoder_dim: int = 512
     decoder_depth: int = 1
     norm_pix_loss: bool = True
+    patch_size: int = 32  # mask patch side = encoder total stride (32 paper; 16 / 8 for small images: stem stride /8)
 
     def check(self) -> None:
         if self.name not in MODEL_NAMES:
             raise ValueError(f"model.name={self.name!r} is not valid; choose one of: {', '.join(MODEL_NAMES)}")
         if not self.init:
             raise ValueError("model.init is empty; give a checkpoint file or 'none' (random initialisation)")
+        stem_stride(self.patch_size, key="model.patch_size")
         if self.backend not in BACKENDS:
             raise ValueError(f"model.backend={self.backend!r} is not valid; choose one of: {', '.join(sorted(BACKENDS))}")
         if self.in_chans < 1:
@@ -59,8 +59,6 @@ class DataConfig:
         if self.format != "digits" and not self.path:
             raise ValueError("data.path is not set; give an image folder, ImageFolder root or shard pattern "
                              "(or data.format=digits for the built-in demo set)")
-        if self.image_size < PATCH or self.image_size % PATCH:
-            raise ValueError(f"data.image_size={self.image_size} must be a positive multiple of {PATCH} (e.g. 224)")
         if self.num_workers < 0 or self.batch_size < 1:
             raise ValueError("data.num_workers must be >= 0 and data.batch_size >= 1")
         if not 0 < self.min_scale <= 1 or not 0 <= self.hflip <= 1:
@@ -102,6 +100,10 @@ class PretrainConfig(RunConfig):
         self.model.check()
         self.data.check()
         self.monitor.check()
+        p = self.patch()
+        if self.data.image_size < p or self.data.image_size % p:
+            raise ValueError(f"data.image_size={self.data.image_size} must be a positive multiple of {p}, the mask patch "
+                             f"size model.patch_size (e.g. {max(p, self.data.image_size // p * p)}); change one of them")
         for key, stats in (("data.mean", self.data.mean), ("data.std", self.data.std)):
             if stats is not None and len(stats) != self.model.in_chans:
                 raise ValueError(f"{key} has {len(stats)} values but model.in_chans={self.model.in_chans}")
@@ -114,7 +116,7 @@ class PretrainConfig(RunConfig):
 
     def patch(self) -> int:
         """Side of a mask patch in pixels (the encoder's total stride): the one place the patch grid comes from."""
-        return PATCH
+        return self.model.patch_size
 
     def check_mask_grid(self) -> None:
         """model.mask_ratio must leave >= 1 visible and >= 1 masked patch of the (image_size / patch)^2 grid."""

@@ -70,7 +70,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="FCMAE checkpoint (a run's last.pt, or `fcmae convert --to fcmae` output)")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", default="grid.png", help="output PNG (default grid.png)")
-    p.add_argument("--size", type=int, default=None, help="image side, a multiple of 32 (default: the run's size, or 224)")
+    p.add_argument("--size", type=int, default=None, help="image side, a multiple of the checkpoint's patch size (default: the run's size, or 224)")
     p.add_argument("--mask-ratio", type=float, default=None, help="default: the checkpoint's")
     p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
     p.set_defaults(func=run)
@@ -90,8 +90,10 @@ def run(args: argparse.Namespace) -> None:
         margs["mask_ratio"] = args.mask_ratio
     data_cfg = ckpt.get("config", {}).get("data", {})
     size = args.size or data_cfg.get("image_size", 224)
-    model = FCMAE(**margs)
+    model = FCMAE(**margs)  # checkpoints from before model.patch_size have none: 32
     model.load_state_dict(ckpt["model"])
+    if size % model.patch_size:
+        raise ValueError(f"--size {size} must be a multiple of {model.patch_size}, the checkpoint's patch size")
     c = model.in_chans
     d_mean, d_std = default_stats(c)
     mean, std = data_cfg.get("mean") or d_mean, data_cfg.get("std") or d_std
@@ -103,8 +105,6 @@ def run(args: argparse.Namespace) -> None:
             raise ValueError(f"cannot read image {path!r}")
         imgs.append(tf(img))
     x = torch.stack(imgs)
-    if size % model.patch_size:
-        raise ValueError(f"--size {size} must be a multiple of {model.patch_size}")
     g = torch.Generator().manual_seed(args.seed)
     mask = random_mask(len(x), (size // model.patch_size,) * 2, model.mask_ratio, generator=g)
     save_grid(model, x, mask, mean, std, args.out)

@@ -74,7 +74,8 @@ def test_size_table_matches_timm():
         with torch.device("meta"):
             sd = timm.create_model(name, num_classes=0).state_dict()
         arch = infer_arch(sd)
-        assert (arch.name, arch.depths, arch.dims, arch.in_chans, arch.patch_size) == (name, depths, dims, 3, 4)
+        assert (arch.name, arch.depths, arch.dims, arch.in_chans, arch.stem_stride, arch.patch_size) == (
+            name, depths, dims, 3, 4, 32)
         assert (sd["stages.0.blocks.0.mlp.fc1.weight"].ndim == 4) == conv_mlp
 
 

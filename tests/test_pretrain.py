@@ -72,7 +72,7 @@ def test_imagefolder_two_epochs_outputs_and_skips(tmp_path):
     ckpt = load_state(out / "last.pt")
     assert (ckpt["format"], ckpt["version"], ckpt["epoch"], ckpt["step"]) == ("fcmae", 1, 2, 6)
     assert ckpt["model_args"] == {"encoder_name": "convnextv2_atto", "in_chans": 3, "mask_ratio": 0.5,
-                                  "decoder_dim": 32, "decoder_depth": 1, "norm_pix_loss": True}
+                                  "decoder_dim": 32, "decoder_depth": 1, "norm_pix_loss": True, "patch_size": 32}
     assert ckpt["config"]["data"]["path"] == str(data) and "decoder.mask_token" in ckpt["model"]
     assert ckpt["rng"]["torch"].dtype == torch.uint8
     # `fcmae visualize` on the result

@@ -1,4 +1,8 @@
-"""ConvNeXt V2 sizes, and reading the size (depths, dims, in_chans, stem stride) off a timm state_dict."""
+"""ConvNeXt V2 sizes, and reading the size (depths, dims, in_chans, stem stride) off a timm state_dict.
+
+The stem stride is read from the stem kernel (C, in_chans, k, k): the stem is a k x k / k patch conv, so files with
+no header (timm, Hugging Face, reference) tell it too.
+"""
 from __future__ import annotations
 
 import re
@@ -27,12 +31,18 @@ class Arch:
     depths: tuple[int, ...]
     dims: tuple[int, ...]
     in_chans: int
-    patch_size: int
+    stem_stride: int  # the stem conv's kernel == stride (4 standard); timm's and HF's `patch_size` argument
     name: str | None
+
+    @property
+    def patch_size(self) -> int:
+        """The total stride = FCMAE's mask patch side: the stem stride times 2 per downsample (32 standard)."""
+        return self.stem_stride * 2 ** (len(self.depths) - 1)
 
     def describe(self) -> str:
         size = self.name or "a custom ConvNeXt V2"
-        return f"{size} (depths {list(self.depths)}, dims {list(self.dims)}, in_chans {self.in_chans}, stem {self.patch_size}x{self.patch_size})"
+        return (f"{size} (depths {list(self.depths)}, dims {list(self.dims)}, in_chans {self.in_chans}, "
+                f"patch size {self.patch_size}: stem {self.stem_stride}x{self.stem_stride})")
 
 
 def arch_by_name(name: str) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
@@ -57,4 +67,9 @@ def infer_arch(sd: dict[str, torch.Tensor]) -> Arch:
     depths = tuple(len(blocks[s]) for s in stages)
     dims = tuple(int(sd[f"stages.{s}.blocks.0.conv_dw.weight"].shape[0]) for s in stages)
     name = next((n for n, (d, c, _) in SIZES.items() if d == depths and c == dims), None)
+    if stem.shape[2] != stem.shape[3]:
+        raise ValueError(f"the stem convolution stem.0.weight {tuple(stem.shape)} is not square; not a ConvNeXt V2 stem")
+    if "stages.0.downsample.1.weight" in sd:
+        raise ValueError(f"the checkpoint has a stage-0 downsample after a {stem.shape[2]}x{stem.shape[2]} stem (timm's "
+                         "own patch_size=2 layout, total stride 32); ConvNeXt V2 here has none (a 2x2 stem = stride 16)")
     return Arch(depths, dims, int(stem.shape[1]), int(stem.shape[2]), name)

@@ -11,7 +11,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from timm.layers import trunc_normal_
 from torch import nn
@@ -22,6 +21,7 @@ from convnextv2.checkpoint.hf import hf_config, hf_to_timm, timm_to_hf
 from convnextv2.checkpoint.io import CheckpointError, atomic_write, load_file, save_state_dict
 from convnextv2.checkpoint.minkowski import minkowski_to_timm
 from convnextv2.checkpoint.reference import reference_to_timm
+from convnextv2.encoder import create_convnextv2
 
 HEAD_INIT_SCALE = 0.001  # the fine-tune recipes' head init scale (SPEC §3), timm's `head_init_scale`
 HEAD_KEYS = ("head.norm.weight", "head.norm.bias", "head.fc.weight", "head.fc.bias")
@@ -114,10 +114,11 @@ def encoder_part(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if not k.startswith("head.")}
 
 
-def timm_shapes(name: str, num_classes: int, in_chans: int = 3, patch_size: int = 4) -> dict[str, torch.Size]:
-    """Parameter shapes of timm's `name` (built on the meta device: no memory, no init cost, nothing downloaded)."""
+def timm_shapes(name: str, num_classes: int, in_chans: int = 3, patch_size: int = 32) -> dict[str, torch.Size]:
+    """Parameter shapes of timm's `name` at total stride `patch_size` (see `create_convnextv2`), built on the meta
+    device: no memory, no init cost, nothing downloaded."""
     with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, patch_size=patch_size)
+        model = create_convnextv2(name, patch_size, num_classes=num_classes, in_chans=in_chans)
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
@@ -239,11 +240,35 @@ def load_encoder_weights(model: nn.Module, src: str | os.PathLike | dict | Encod
                     weights.notes + notes)
 
 
+def timm_metadata(arch: Arch) -> dict[str, str]:
+    """The safetensors header entries of a timm export: how to rebuild the model (timm's own loader ignores them;
+    `patch_size` is the total stride, `stem_stride` timm's `patch_size` argument)."""
+    return {"model": arch.name or "", "in_chans": str(arch.in_chans), "patch_size": str(arch.patch_size),
+            "stem_stride": str(arch.stem_stride)}
+
+
+def timm_load_hint(name: str, path: str | os.PathLike, num_classes: int, patch_size: int = 32) -> str:
+    """One line of Python that loads an exported timm classifier file in plain timm, offline.
+
+    Patch 32 and 8 are timm's own layouts (`patch_size=4` / `1`). For 16, timm's `patch_size=2` adds a 2x2/2
+    downsample to stage 0 (total stride 32), which our stride-16 model does not have: replace it with Identity.
+    """
+    k, path = num_classes, str(path)
+    overlay = f"pretrained=True, pretrained_cfg_overlay=dict(file={path!r}, num_classes={k}), num_classes={k}"
+    stem = patch_size // 8
+    if stem != 2:
+        return f"timm.create_model({name!r}{'' if stem == 4 else f', patch_size={stem}'}, {overlay})"
+    load = (f"safetensors.torch.load_file({path!r})" if path.endswith(".safetensors")
+            else f"torch.load({path!r}, weights_only=True)")
+    return (f"m = timm.create_model({name!r}, patch_size=2, num_classes={k}); m.stages[0].downsample = "
+            f"torch.nn.Identity(); m.load_state_dict({load})")
+
+
 def write_timm(weights: EncoderWeights, dst: str | os.PathLike, num_classes: int | None = None,
                head_init_scale: float = HEAD_INIT_SCALE) -> list[str]:
     """Write a timm classifier state_dict (safetensors or torch by suffix) -> the fresh keys."""
     sd, fresh = timm_classifier_state_dict(weights, num_classes, head_init_scale)
-    save_state_dict(sd, dst)
+    save_state_dict(sd, dst, timm_metadata(weights.arch))
     return fresh
 
 

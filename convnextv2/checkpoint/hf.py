@@ -75,11 +75,12 @@ def hf_to_timm(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], li
 
 def hf_config(arch: Arch, num_classes: int) -> dict[str, Any]:
     """A transformers ConvNextV2Config as a dict (config.json). layer_norm_eps is timm's 1e-6 for the final norm
-    (transformers' default 1e-12 would differ slightly); the other norms are fixed at 1e-6 in both."""
+    (transformers' default 1e-12 would differ slightly); the other norms are fixed at 1e-6 in both. HF's `patch_size`
+    is the stem's kernel == stride (4 standard, 2 for an encoder pretrained with 16-px mask patches)."""
     cfg: dict[str, Any] = {
         "model_type": "convnextv2", "architectures": ["ConvNextV2ForImageClassification"],
         "depths": list(arch.depths), "hidden_sizes": list(arch.dims), "num_channels": arch.in_chans,
-        "patch_size": arch.patch_size, "num_stages": len(arch.depths), "hidden_act": "gelu",
+        "patch_size": arch.stem_stride, "num_stages": len(arch.depths), "hidden_act": "gelu",
         "layer_norm_eps": 1e-6, "drop_path_rate": 0.0, "image_size": 224, "initializer_range": 0.02,
     }
     if num_classes > 0:

@@ -120,12 +120,15 @@ def check_weights_suffix(path: str | os.PathLike) -> None:
         )
 
 
-def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike) -> Path:
-    """Write a flat {name: tensor} dict atomically: safetensors for *.safetensors, torch.save otherwise."""
+def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
+                    metadata: dict[str, str] | None = None) -> Path:
+    """Write a flat {name: tensor} dict atomically: safetensors for *.safetensors (with `metadata` in its header, e.g.
+    the architecture to build), torch.save otherwise (a plain state_dict: metadata is not stored)."""
     check_weights_suffix(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     if Path(path).suffix == ".safetensors":
-        return atomic_write(path, lambda tmp: _st_save(tensors, tmp, metadata={"format": "pt"}))
+        meta = {**(metadata or {}), "format": "pt"}
+        return atomic_write(path, lambda tmp: _st_save(tensors, tmp, metadata=meta))
     return atomic_write(path, lambda tmp: torch.save(tensors, tmp))
 
 
