@@ -200,7 +200,11 @@ class FinetuneTask:
             self.ema.update(self.model, step=step)
 
     def evaluate(self, epoch: int) -> dict[str, float]:
-        """Top-1/top-5 of the model (and the EMA) on the val split, on every process; rank 0 writes best*.pt."""
+        """Top-1/top-5 of the model (and the EMA) on the val split, on every process; rank 0 writes best*.pt.
+        Every `data.eval_every_epochs` epochs and after the last (nothing in between: a short run saves its time)."""
+        every, last = self.cfg.data.eval_every_epochs, epoch + 1 == self.cfg.optim.epochs
+        if (epoch + 1) % every and not last:
+            return {}
         out = {}
         models = [("", self.model)] + ([("ema_", self.ema.module)] if self.ema is not None else [])
         for prefix, model in models:

@@ -51,6 +51,7 @@ class FinetuneDataConfig:
     image_size: int = 224
     batch_size: int = 1024  # GLOBAL batch per optimizer step (split over processes and accum_steps)
     eval_batch_size: int = 256  # per process
+    eval_every_epochs: int = 1  # evaluate on the val split every N epochs and after the last
     num_workers: int = 8
     crop_pct: float = 0.875  # eval: resize to image_size / crop_pct, center crop image_size
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment spec; null = off
@@ -67,8 +68,9 @@ class FinetuneDataConfig:
             raise ValueError("data.path is not set; give an ImageFolder root with train/ and val/ subfolders, or "
                              "data.train_path and data.val_path (or data.format=digits for the built-in set)")
         check_image_size(self.image_size, min(PATCH_SIZES))  # the model's patch size is checked once it is known
-        if self.batch_size < 1 or self.eval_batch_size < 1 or self.num_workers < 0:
-            raise ValueError("data.batch_size and data.eval_batch_size must be >= 1, data.num_workers >= 0")
+        if self.batch_size < 1 or self.eval_batch_size < 1 or self.eval_every_epochs < 1 or self.num_workers < 0:
+            raise ValueError("data.batch_size, data.eval_batch_size and data.eval_every_epochs must be >= 1, "
+                             "data.num_workers >= 0")
         if not 0 < self.crop_pct <= 1 or not 0 <= self.reprob <= 1 or not 0 < self.min_scale <= 1:
             raise ValueError("data.crop_pct and data.min_scale must be in (0, 1], data.reprob in [0, 1]")
         if not 0 <= self.hflip <= 1:

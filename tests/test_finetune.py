@@ -210,3 +210,23 @@ def test_recipes_match_spec(size):
     assert c.model.name == f"convnextv2_{size}" and d.batch_size * o.accum_steps == 1024
     assert tuple(o.betas) == (0.9, 0.999) and d.auto_augment == "rand-m9-mstd0.5-inc1" and d.reprob == 0.25
     assert c.model.head_init_scale == 0.001 and c.ema.decay == 0.9999 and d.crop_pct == 0.875
+
+
+def test_eval_every_epochs_evaluates_on_schedule_and_after_the_last(tmp_path):
+    """data.eval_every_epochs=2 over 3 epochs: val metrics at epochs 2 and 3 only (the last always)."""
+    import json
+
+    from fcmae.config import load_config
+    from fcmae.finetune import finetune
+    from fcmae.finetune_config import FinetuneConfig
+
+    cfg = load_config(FinetuneConfig, None, [
+        "data.format=digits", "data.image_size=32", "model.patch_size=16", "data.digits_per_class=2",
+        "data.digits_val=20", "data.batch_size=10", "data.num_workers=0", "data.auto_augment=null", "data.reprob=0",
+        "data.eval_every_epochs=2", "aug.mixup=0", "aug.cutmix=0", "optim.epochs=3", "optim.warmup_epochs=0",
+        "log.progress=false", "log.tensorboard=false", "device=cpu", f"output_dir={tmp_path / 'ft'}"])
+    summary = finetune(cfg)
+    rows = [json.loads(line) for line in open(tmp_path / "ft" / "metrics.jsonl")]
+    evaluated = [r["epoch"] for r in rows if r.get("kind") == "epoch" and "top1" in r]
+    assert evaluated == [2, 3]
+    assert 0 <= summary["top1"] <= 100
