@@ -54,6 +54,7 @@ class DataConfig:
     std: Optional[list[float]] = None  # None: ImageNet for 3 channels, else 0.226 per channel
     shuffle_buffer: int = 2000  # webdataset: samples in the shuffle buffer per worker
     num_samples: Optional[int] = None  # webdataset: samples per epoch (default: from sizes.json); else: use only the first N images
+    digits_holdout: int = 0  # digits: leave out the N held-out digits fine-tuning evaluates on (its data.digits_val)
 
     def check(self) -> None:
         if self.format != "digits" and not self.path:
@@ -63,6 +64,8 @@ class DataConfig:
             raise ValueError("data.num_workers must be >= 0 and data.batch_size >= 1")
         if not 0 < self.min_scale <= 1 or not 0 <= self.hflip <= 1:
             raise ValueError("data.min_scale must be in (0, 1] and data.hflip in [0, 1]")
+        if not 0 <= self.digits_holdout <= 1000:
+            raise ValueError(f"data.digits_holdout must be in [0, 1000] (of the 1797 digits), got {self.digits_holdout}")
         if self.shuffle_buffer < 1 or (self.num_samples is not None and self.num_samples < 1):
             raise ValueError("data.shuffle_buffer and data.num_samples must be >= 1")
 

@@ -167,3 +167,22 @@ def test_torchrun_two_processes_equal_one(tmp_path, folder, reference):
     for k, w in want["model"].items():
         torch.testing.assert_close(got["model"][k], w, rtol=1e-4, atol=1e-5, msg=k)
     assert abs(epoch_losses(out)[-1]["loss"] - epoch_losses(reference)[-1]["loss"]) < 1e-4
+
+
+def test_digits_holdout_leaves_out_the_finetuning_val_digits():
+    """data.digits_holdout=N: pretraining never sees the N digits fine-tuning holds out (data.digits_val=N)."""
+    import torch
+
+    from fcmae.data.build import build_image_data
+    from fcmae.data.labeled import digits_split
+    from fcmae.engine.distributed import DistInfo
+    from fcmae.pretrain_config import DataConfig
+
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    held = digits_split(10, 500)[1]
+    data = build_image_data(DataConfig(format="digits", image_size=32, digits_holdout=500), 1, 64, 1, info, 0)
+    assert data.num_samples == 1797 - 500
+    kept = {int(f.split("-")[1]) for f in data.dataset.files}
+    assert kept.isdisjoint(held) and len(kept) == 1297
+    full = build_image_data(DataConfig(format="digits", image_size=32), 1, 64, 1, info, 0)
+    assert full.num_samples == 1797

@@ -68,6 +68,11 @@ class ImageData:
         else:
             if self.format == "digits":
                 self.dataset = Digits(cfg.image_size, tf, in_chans, seed)
+                if cfg.digits_holdout:  # never pretrain on the digits fine-tuning holds out (its data.digits_val)
+                    from fcmae.data.labeled import digits_split, subset
+
+                    held = set(digits_split(0, cfg.digits_holdout)[1])
+                    self.dataset = subset(self.dataset, [i for i in range(len(self.dataset)) if i not in held])
             else:
                 if not os.path.isdir(cfg.path):
                     raise ValueError(f"data.path {cfg.path!r} is not a folder")
