@@ -20,7 +20,7 @@ from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from fcmae.config import add_config_arguments, load_config, to_dict
+from fcmae.config import add_config_arguments, describe_config, load_config, to_dict
 from fcmae.data.build import SkipSampler
 from fcmae.data.labeled import build_splits, python_seeded
 from fcmae.engine import checkpoint as ckpt_io
@@ -31,6 +31,7 @@ from fcmae.engine.seeds import derive_seed
 from fcmae.finetune_config import FinetuneConfig
 from fcmae.layer_decay import param_groups
 from fcmae.metrics import ClassificationMeter
+from fcmae.recipes import find_config
 
 FORMAT = "fcmae-finetune"  # header of finetune checkpoints (a timm state_dict under "model": every reader loads it)
 
@@ -253,13 +254,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "finetune", help="fine-tune a (pretrained) ConvNeXt V2 classifier (resumes automatically)",
         description="Fine-tune with the recipes of configs/finetune/<size>.yaml. Example: fcmae finetune --config "
-        "configs/finetune/tiny.yaml model.init=runs/pretrain-tiny/last.pt data.path=/data/imagenet "
+        "tiny model.init=runs/pretrain-tiny/last.pt data.path=/data/imagenet "
         "output_dir=runs/ft-tiny (data.path holds train/ and val/ class folders; model.init=none trains from "
         "scratch). Multi-GPU: torchrun --nproc_per_node=8 -m fcmae finetune ... (data.batch_size is GLOBAL).",
     )
-    add_config_arguments(p, "YAML file (configs/finetune/<size>.yaml)", "model.init=last.pt data.path=/data")
+    add_config_arguments(p, "YAML file, or a recipe: finetune/<size> or just <size> (atto ... huge, demo)",
+                         "model.init=last.pt data.path=/data", print_config=True)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    finetune(load_config(FinetuneConfig, args.config, args.overrides))
+    config = find_config(args.config, "finetune") if args.config is not None else None
+    if args.print_config:
+        print(describe_config(FinetuneConfig, config, args.overrides))
+        return
+    finetune(load_config(FinetuneConfig, config, args.overrides))
