@@ -43,10 +43,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="convnextv2_tiny", help="timm ConvNeXt V2 name (default convnextv2_tiny)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--image-size", type=int, default=224, help="square side in pixels, a multiple of 32")
-    p.add_argument("--mask-ratio", type=float, default=0.6)
-    p.add_argument("--decoder-dim", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8, help="images per step (default 8)")
+    p.add_argument("--image-size", type=int, default=224, help="square side in pixels, a multiple of 32 (default 224)")
+    p.add_argument("--mask-ratio", type=float, default=0.6, help="fraction of patches masked (default 0.6)")
+    p.add_argument("--decoder-dim", type=int, default=512, help="FCMAE decoder width (default 512)")
     p.add_argument("--backends", default="masked,packed,dense",
                    help=f"comma list of sparse backends and/or '{DENSE}' (default masked,packed,dense)")
     p.add_argument("--steps", type=int, default=10, help="timed steps per backend, interleaved (default 10)")
@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile each backend's loss function")
     p.add_argument("--channels-last", action="store_true", help="model and images in channels_last memory format")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights, images and masks (default 0)")
 
 
 def check_args(args: argparse.Namespace) -> tuple[list[str], torch.device, str]:

@@ -28,12 +28,13 @@ from fcmae.engine.config import check_global_batch
 from fcmae.engine.distributed import DistInfo, cleanup_distributed, init_distributed
 from fcmae.engine.loop import amp_dtype, train
 from fcmae.engine.seeds import derive_seed
+from fcmae.export import FINETUNE_FORMAT, timm_config
 from fcmae.finetune_config import FinetuneConfig
 from fcmae.layer_decay import param_groups
 from fcmae.metrics import ClassificationMeter
 from fcmae.recipes import find_config
 
-FORMAT = "fcmae-finetune"  # header of finetune checkpoints (a timm state_dict under "model": every reader loads it)
+FORMAT = FINETUNE_FORMAT  # header of finetune checkpoints (a timm state_dict under "model": every reader loads it)
 
 
 def build_classifier(name: str, num_classes: int, drop_path: float = 0.0, head_init_scale: float = 1.0,
@@ -209,15 +210,22 @@ class FinetuneTask:
                              "metrics": dict(metrics), "config": to_dict(self.cfg)}, path)
 
     def export(self) -> dict[str, str]:
-        """The final model (and EMA) as timm state_dicts in safetensors: timm.create_model(name, pretrained=True,
-        pretrained_cfg_overlay=dict(file=PATH, num_classes=K), num_classes=K) loads them."""
+        """The final model (and EMA) as timm state_dicts in safetensors, with their preprocessing and class names
+        in timm's config.json beside them and in their metadata: timm.create_model("local-dir:RUN_DIR",
+        pretrained=True) loads model.safetensors with it; timm.create_model(name, pretrained=True,
+        pretrained_cfg_overlay=dict(file=PATH, num_classes=K), num_classes=K) loads either file."""
         from convnextv2.checkpoint import save_state_dict
+        from convnextv2.checkpoint.convert import write_json
+        from convnextv2.checkpoint.hub import metadata
 
+        hub = timm_config(self.cfg.model.name, self.num_classes, self.in_chans, to_dict(self.cfg)["data"],
+                          list(self.classes))
         out = {"model": os.path.join(self.cfg.output_dir, "model.safetensors")}
-        save_state_dict(self.model.state_dict(), out["model"])
+        save_state_dict(self.model.state_dict(), out["model"], metadata(hub))
         if self.ema is not None:
             out["ema"] = os.path.join(self.cfg.output_dir, "model-ema.safetensors")
-            save_state_dict(self.ema.module.state_dict(), out["ema"])
+            save_state_dict(self.ema.module.state_dict(), out["ema"], metadata(hub))
+        write_json(os.path.join(self.cfg.output_dir, "config.json"), hub)
         with open(os.path.join(self.cfg.output_dir, "classes.json"), "w") as f:
             json.dump(self.classes, f)
         return out
