@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> dict:
 
     t0 = time.time()
     n = min(pre_cfg.data.num_samples or DIGITS, DIGITS)
-    what = f"the {DIGITS} digits" if n == DIGITS else f"the first {n} of the {DIGITS} digits (--quick)"
+    what = f"the {DIGITS} digits" if n == DIGITS else f"the first {n} of the {DIGITS} digits"
     print(f"== 1/4 FCMAE pretraining on {what} (no labels)", flush=True)
     pre_summary = pretrain(pre_cfg)
     last = os.path.join(pre_cfg.output_dir, "last.pt")
