@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> dict:
         ft.append(f"optim.epochs={args.finetune_epochs}")
     pre_cfg = load_config(PretrainConfig, pretrain_recipe, pre + [f"output_dir={os.path.join(out, 'pretrain')}"])
     ft_cfg = load_config(FinetuneConfig, finetune_recipe, ft + [f"output_dir={os.path.join(out, 'finetune-fcmae')}"])
-    scratch_cfg = load_config(FinetuneConfig, finetune_recipe, ft + [f"output_dir={os.path.join(out, 'finetune-scratch')}"])
+    scratch_cfg = load_config(FinetuneConfig, finetune_recipe,
+                              ft + [f"output_dir={os.path.join(out, 'finetune-scratch')}"])
 
     t0 = time.time()
     n = min(pre_cfg.data.num_samples or DIGITS, DIGITS)

@@ -97,7 +97,8 @@ def test_config_takes_a_recipe_name(tmp_path, capsys):
 
 
 def test_print_config_shows_value_default_and_source(tmp_path, capsys):
-    assert main(["pretrain", "--config", "demo", "--print-config", "optim.epochs=2", f"output_dir={tmp_path / 'r'}"]) == 0
+    argv = ["pretrain", "--config", "demo", "--print-config", "optim.epochs=2", f"output_dir={tmp_path / 'r'}"]
+    assert main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     rows = {line.split()[0]: line.split()[1:] for line in lines[2:] if not line.startswith("#")}
     from fcmae.config import to_dict
