@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib.metadata import entry_points
+from importlib.metadata import PackageNotFoundError, entry_points, version
 
 from fcmae import bench, convert, demo, embed, evaluate, finetune, pretrain, probe, visualize
 from fcmae.data import write_shards
@@ -26,10 +26,19 @@ def plugin_commands() -> list:
     return modules
 
 
+def installed_version() -> str:
+    """The installed distribution's version (pyproject.toml's, as pip recorded it)."""
+    try:
+        return version("fcmae")
+    except PackageNotFoundError:
+        return "(not installed: run from a source tree)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fcmae", description="Pretrain ConvNeXt V2 encoders with FCMAE, convert and fine-tune them."
     )
+    parser.add_argument("--version", action="version", version=f"fcmae {installed_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     subparsers.required = True
     for module in COMMANDS + plugin_commands():

@@ -195,7 +195,56 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
 
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, config_help: str, override_example: str) -> None:
-    """`--config FILE` and positional `key=value` overrides, the interface every config-driven command shares."""
+def add_config_arguments(parser: argparse.ArgumentParser, config_help: str, override_example: str,
+                         print_config: bool = False) -> None:
+    """`--config FILE` and positional `key=value` overrides, the interface every config-driven command shares
+    (and `--print-config`, for the commands that offer it)."""
     parser.add_argument("--config", default=None, help=config_help)
+    if print_config:
+        parser.add_argument("--print-config", action="store_true",
+                            help="print every key: its value, default and source (recipe/override), then exit")
     parser.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {override_example}")
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"epochs": 1}} -> {"optim.epochs": 1} (lists stay values)."""
+    if not isinstance(data, dict):
+        return {prefix[:-1]: data}
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _show(value: Any) -> str:
+    """A value as it would be written in YAML, on one line."""
+    return yaml.safe_dump(value, default_flow_style=True, width=1 << 20).strip().removesuffix("\n...").strip()
+
+
+def describe_config(cls: type, path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> str:
+    """The resolved config as a table (`--print-config`): every key, its value, the schema's default, and where the
+    value comes from (default | recipe | override). Unknown keys and wrong types fail as in `load_config`; what the
+    schema's `check()` rejects (e.g. data.path not set yet in a recipe) is printed as a last comment line."""
+    given = {}
+    if path is not None:
+        with open(path) as f:
+            given = yaml.safe_load(f) or {}
+        if not isinstance(given, dict):
+            load_config(cls, path, overrides)  # raises its message for a file that is not a mapping
+    cfg = from_dict(cls, merge(given, parse_overrides(overrides or [])))
+    given, over = _flat(given), _flat(parse_overrides(overrides or []))
+    problem, check = "", getattr(cfg, "check", None)
+    if callable(check):
+        try:
+            check()
+        except ValueError as e:
+            problem = f"# not runnable as is: {e}"
+    values, defaults = _flat(to_dict(cfg)), _flat(to_dict(cls()))
+    width = max(len(k) for k in values) + 2
+    rows = [(k, _show(v), _show(defaults.get(k)), "override" if k in over else "recipe" if k in given else "default")
+            for k, v in values.items()]
+    vw = max(len(r[1]) for r in rows) + 2
+    lines = [f"# {cls.__name__} from {path or 'the defaults'}" + (f" + {len(over)} override(s)" if over else ""),
+             f"{'key':<{width}}{'value':<{vw}}{'default':<{vw}}from"]
+    lines += [f"{k:<{width}}{v:<{vw}}{d:<{vw}}{src}" for k, v, d, src in rows]
+    return "\n".join(lines + ([problem] if problem else []))

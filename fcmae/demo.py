@@ -12,9 +12,7 @@ import glob
 import os
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO_CONFIG = os.path.join(ROOT, "configs", "pretrain", "demo.yaml")
-FINETUNE_CONFIG = os.path.join(ROOT, "configs", "finetune", "demo.yaml")
+DIGITS = 1797  # scikit-learn's digits
 # --quick (tests): fewer epochs and labeled/val images; the same stages
 QUICK_PRETRAIN = ["optim.epochs=1", "data.num_samples=128", "data.batch_size=32", "log.vis_every_epochs=1"]
 QUICK_FINETUNE = ["optim.epochs=2", "data.digits_per_class=4", "data.digits_val=100", "data.batch_size=20"]
@@ -44,9 +42,9 @@ def run(args: argparse.Namespace) -> dict:
     from fcmae.pretrain import pretrain
     from fcmae.pretrain_config import PretrainConfig
 
-    for f in (DEMO_CONFIG, FINETUNE_CONFIG):
-        if not os.path.isfile(f):
-            raise ValueError(f"{f} is missing; run the demo from a source checkout (pip install -e .)")
+    from fcmae.recipes import find_config
+
+    pretrain_recipe, finetune_recipe = find_config("pretrain/demo"), find_config("finetune/demo")
     out = args.out or os.path.join("runs", "demo", time.strftime("%Y%m%d-%H%M%S"))
     common = [f"seed={args.seed}", "log.progress=false"]
     pre = common + (QUICK_PRETRAIN if args.quick else [])
@@ -57,12 +55,15 @@ def run(args: argparse.Namespace) -> dict:
     ft = common + (QUICK_FINETUNE if args.quick else [])
     if args.finetune_epochs is not None:
         ft.append(f"optim.epochs={args.finetune_epochs}")
-    pre_cfg = load_config(PretrainConfig, DEMO_CONFIG, pre + [f"output_dir={os.path.join(out, 'pretrain')}"])
-    ft_cfg = load_config(FinetuneConfig, FINETUNE_CONFIG, ft + [f"output_dir={os.path.join(out, 'finetune-fcmae')}"])
-    scratch_cfg = load_config(FinetuneConfig, FINETUNE_CONFIG, ft + [f"output_dir={os.path.join(out, 'finetune-scratch')}"])
+    pre_cfg = load_config(PretrainConfig, pretrain_recipe, pre + [f"output_dir={os.path.join(out, 'pretrain')}"])
+    ft_cfg = load_config(FinetuneConfig, finetune_recipe, ft + [f"output_dir={os.path.join(out, 'finetune-fcmae')}"])
+    scratch_cfg = load_config(FinetuneConfig, finetune_recipe,
+                              ft + [f"output_dir={os.path.join(out, 'finetune-scratch')}"])
 
     t0 = time.time()
-    print("== 1/4 FCMAE pretraining on the 1797 digits (no labels)", flush=True)
+    n = min(pre_cfg.data.num_samples or DIGITS, DIGITS)
+    what = f"the {DIGITS} digits" if n == DIGITS else f"the first {n} of the {DIGITS} digits"
+    print(f"== 1/4 FCMAE pretraining on {what} (no labels)", flush=True)
     pre_summary = pretrain(pre_cfg)
     last = os.path.join(pre_cfg.output_dir, "last.pt")
     print("== 2/4 conversion of the FCMAE checkpoint to timm", flush=True)

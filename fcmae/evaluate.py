@@ -68,6 +68,30 @@ def load_classifier(path: str, ema: bool = False) -> tuple[torch.nn.Module, dict
     return model, meta
 
 
+def exported_preprocessing(path: str, model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """-> (data defaults, meta with the classes, a line saying where they came from) of an exported classifier:
+    image_size, crop_pct, mean, std from timm's pretrained_cfg (safetensors metadata, else config.json beside it)."""
+    from convnextv2.checkpoint.hub import read_hub_config
+
+    found = read_hub_config(path)
+    if found is None:
+        return {}, {}, (f"{path} carries no preprocessing (no timm config.json beside it or in its metadata): "
+                        "data.* defaults apply (224 px, crop_pct 0.875, ImageNet mean/std) unless you set them")
+    cfg, where = found
+    pc = cfg["pretrained_cfg"]
+    if (cfg.get("architecture"), cfg.get("num_classes")) != (model.pretrained_cfg.get("architecture"),
+                                                             model.num_classes):
+        return {}, {}, (f"{where} describes another model ({cfg.get('architecture')}, {cfg.get('num_classes')} "
+                        "classes): ignored; data.* defaults apply")
+    data = {"image_size": int(pc["input_size"][-1]), "crop_pct": float(pc.get("crop_pct", 0.875))}
+    data.update({k: list(pc[k]) for k in ("mean", "std") if k in pc})
+    labels = cfg.get("label_names") or pc.get("label_names")
+    meta = {"classes": list(labels)} if labels and len(labels) == model.num_classes else {}
+    return data, meta, (f"preprocessing from {where}: {data['image_size']} px, crop_pct {data['crop_pct']}, "
+                        f"{pc.get('interpolation', 'bicubic')}, mean {data.get('mean')}, std {data.get('std')}"
+                        + (f", {len(labels)} class names" if meta else ""))
+
+
 def eval_dataset(d: FinetuneDataConfig, classes: list[str] | None, in_chans: int = 3) -> tuple[ImageFiles, list[str]]:
     """The val split as `in_chans`-channel images: digits' held-out images, or an ImageFolder (data.val_path,
     data.path/val, or data.path)."""
@@ -132,6 +156,9 @@ def run(args: argparse.Namespace) -> None:
         raise ValueError(f"checkpoint {args.ckpt!r} is not a file")
     model, meta = load_classifier(args.ckpt, ema=False)
     trained = {k: v for k, v in ((meta.get("config") or {}).get("data") or {}).items() if k in DATA_KEYS}
+    if not meta:  # an exported file: the preprocessing and class names it carries (metadata or config.json)
+        trained, meta, said = exported_preprocessing(args.ckpt, model)
+        print(f"fcmae eval: {said}", flush=True)
     base: dict[str, Any] = {"data": trained}
     if args.config:
         with open(args.config) as f:

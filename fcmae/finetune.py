@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from convnextv2.encoder import create_convnextv2
-from fcmae.config import add_config_arguments, load_config, to_dict
+from fcmae.config import add_config_arguments, describe_config, load_config, to_dict
 from fcmae.data.build import SkipSampler
 from fcmae.data.labeled import build_splits, python_seeded
 from fcmae.engine import checkpoint as ckpt_io
@@ -29,11 +29,13 @@ from fcmae.engine.distributed import DistInfo, cleanup_distributed, init_distrib
 from fcmae.engine.loop import amp_dtype, train
 from fcmae.engine.resume import prepare_resume
 from fcmae.engine.seeds import derive_seed
+from fcmae.export import FINETUNE_FORMAT, timm_config
 from fcmae.finetune_config import FinetuneConfig, check_image_size
 from fcmae.layer_decay import param_groups
 from fcmae.metrics import ClassificationMeter
+from fcmae.recipes import find_config
 
-FORMAT = "fcmae-finetune"  # header of finetune checkpoints (a timm state_dict under "model": every reader loads it)
+FORMAT = FINETUNE_FORMAT  # header of finetune checkpoints (a timm state_dict under "model": every reader loads it)
 
 
 def build_classifier(name: str, num_classes: int, drop_path: float = 0.0, head_init_scale: float = 1.0,
@@ -244,17 +246,23 @@ class FinetuneTask:
                              "metrics": dict(metrics), "config": to_dict(self.cfg)}, path)
 
     def export(self) -> dict[str, str]:
-        """The final model (and EMA) as timm state_dicts in safetensors, the architecture in the safetensors header;
-        `convnextv2.checkpoint.timm_load_hint` says how plain timm loads them (at patch 32: timm.create_model(name,
-        pretrained=True, pretrained_cfg_overlay=dict(file=PATH, num_classes=K), num_classes=K))."""
+        """The final model (and EMA) as timm state_dicts in safetensors, with the architecture, preprocessing and class
+        names in their metadata and timm's config.json beside them: timm.create_model("local-dir:RUN_DIR",
+        pretrained=True) loads model.safetensors with it (patch 32); `convnextv2.checkpoint.timm_load_hint` says how
+        plain timm loads either file at any patch size."""
         from convnextv2.checkpoint import infer_arch, save_state_dict, timm_metadata
+        from convnextv2.checkpoint.convert import write_json
+        from convnextv2.checkpoint.hub import metadata
 
-        meta = timm_metadata(infer_arch(self.model.state_dict()))
+        hub = timm_config(self.cfg.model.name, self.num_classes, self.in_chans, to_dict(self.cfg)["data"],
+                          list(self.classes))
+        meta = {**timm_metadata(infer_arch(self.model.state_dict())), **metadata(hub)}
         out = {"model": os.path.join(self.cfg.output_dir, "model.safetensors")}
         save_state_dict(self.model.state_dict(), out["model"], meta)
         if self.ema is not None:
             out["ema"] = os.path.join(self.cfg.output_dir, "model-ema.safetensors")
             save_state_dict(self.ema.module.state_dict(), out["ema"], meta)
+        write_json(os.path.join(self.cfg.output_dir, "config.json"), hub)
         with open(os.path.join(self.cfg.output_dir, "classes.json"), "w") as f:
             json.dump(self.classes, f)
         return out
@@ -300,13 +308,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "finetune", help="fine-tune a (pretrained) ConvNeXt V2 classifier (resumes automatically)",
         description="Fine-tune with the recipes of configs/finetune/<size>.yaml. Example: fcmae finetune --config "
-        "configs/finetune/tiny.yaml model.init=runs/pretrain-tiny/last.pt data.path=/data/imagenet "
+        "tiny model.init=runs/pretrain-tiny/last.pt data.path=/data/imagenet "
         "output_dir=runs/ft-tiny (data.path holds train/ and val/ class folders; model.init=none trains from "
         "scratch). Multi-GPU: torchrun --nproc_per_node=8 -m fcmae finetune ... (data.batch_size is GLOBAL).",
     )
-    add_config_arguments(p, "YAML file (configs/finetune/<size>.yaml)", "model.init=last.pt data.path=/data")
+    add_config_arguments(p, "YAML file, or a recipe: finetune/<size> or just <size> (atto ... huge, demo)",
+                         "model.init=last.pt data.path=/data", print_config=True)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
-    finetune(load_config(FinetuneConfig, args.config, args.overrides))
+    config = find_config(args.config, "finetune") if args.config is not None else None
+    if args.print_config:
+        print(describe_config(FinetuneConfig, config, args.overrides))
+        return
+    finetune(load_config(FinetuneConfig, config, args.overrides))

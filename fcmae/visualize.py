@@ -6,8 +6,10 @@ one every `log.vis_every_epochs` epochs.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
+from PIL import Image
 from torchvision.utils import save_image
 
 from fcmae.masking import patchify, unpatchify
@@ -69,8 +71,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("checkpoint", help="FCMAE checkpoint (a run's last.pt, or `fcmae convert --to fcmae` output)")
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--out", default="grid.png", help="output PNG (default grid.png)")
-    p.add_argument("--size", type=int, default=None, help="image side, a multiple of the checkpoint's patch size (default: the run's size, or 224)")
+    p.add_argument("--out", default="grid.png", help="output picture, .png or .jpg (default grid.png; its folder is "
+                   "created)")
+    p.add_argument("--size", type=int, default=None, help="image side, a multiple of the checkpoint's patch size "
+                   "(default: the run's size, or 224)")
     p.add_argument("--mask-ratio", type=float, default=None, help="default: the checkpoint's")
     p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
     p.set_defaults(func=run)
@@ -82,9 +86,14 @@ def run(args: argparse.Namespace) -> None:
     from fcmae.engine.checkpoint import load_checkpoint
     from fcmae.masking import random_mask
 
+    out = Path(args.out)
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {args.out}: name the picture with an image extension, e.g. {out.stem or 'grid'}.png")
     ckpt = load_checkpoint(args.checkpoint)
-    if "model_args" not in ckpt:
-        raise ValueError(f"{args.checkpoint!r} has no model_args; it is not an FCMAE checkpoint")
+    if ckpt.get("format") != "fcmae" or "model_args" not in ckpt:
+        what = "a fine-tuned classifier" if ckpt.get("format") == "fcmae-finetune" else "not an FCMAE checkpoint"
+        raise ValueError(f"{args.checkpoint!r} is {what}; visualize draws reconstructions, which need the FCMAE "
+                         "decoder: give a pretraining checkpoint (a `fcmae pretrain` run's last.pt)")
     margs = dict(ckpt["model_args"])
     if args.mask_ratio is not None:
         margs["mask_ratio"] = args.mask_ratio
@@ -107,5 +116,6 @@ def run(args: argparse.Namespace) -> None:
     x = torch.stack(imgs)
     g = torch.Generator().manual_seed(args.seed)
     mask = random_mask(len(x), (size // model.patch_size,) * 2, model.mask_ratio, generator=g)
-    save_grid(model, x, mask, mean, std, args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(model, x, mask, mean, std, str(out))
     print(f"wrote {args.out} ({len(x)} rows: original | masked | prediction | prediction + visible)")

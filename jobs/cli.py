@@ -12,7 +12,8 @@ from pathlib import Path
 
 import submitit
 
-from jobs.launch import DEFAULT_ENTRY
+from fcmae.recipes import find_config
+from jobs.launch import DEFAULT_ENTRY, environ
 from jobs.submit import CLUSTERS, Resources, submit
 
 COMMANDS = ("pretrain", "finetune")
@@ -43,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def job_options() -> argparse.ArgumentParser:
     """The command's own arguments and the job's resources (shared by pretrain and finetune)."""
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--config", required=True, help="the command's YAML config")
+    p.add_argument("--config", required=True, help="the command's YAML config or recipe name, as for the command")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, as for the command")
     p.add_argument("--job-dir", required=True, help="folder for the run (output_dir) and the job's logs")
     p.add_argument("--cluster", choices=CLUSTERS, default="slurm",
@@ -70,9 +71,7 @@ def job_options() -> argparse.ArgumentParser:
 
 def command_argv(args: argparse.Namespace, job_dir: Path) -> tuple[list[str], Path]:
     """The `fcmae` command line the job runs, and its run directory (output_dir: given, else the job dir)."""
-    config = Path(args.config)
-    if not config.is_file():
-        raise ValueError(f"config file {args.config} not found: give the path to a YAML config")
+    config = Path(find_config(args.config, args.submit_command))
     for item in args.overrides:
         if "=" not in item or item.startswith("="):
             raise ValueError(f"override {item!r} is not key=value: write e.g. optim.epochs=10")
@@ -82,6 +81,18 @@ def command_argv(args: argparse.Namespace, job_dir: Path) -> tuple[list[str], Pa
     if not given:
         argv.append(f"output_dir={run_dir}")
     return argv, run_dir
+
+
+def check_config(argv: list[str], world_size: int) -> None:
+    """Load and check the command's config as each of the job's processes will (same schema, same overrides,
+    WORLD_SIZE the job's), so a bad key or value fails here, not in the queue."""
+    from fcmae.config import load_config
+    from fcmae.finetune_config import FinetuneConfig
+    from fcmae.pretrain_config import PretrainConfig
+
+    schema = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}[argv[0]]
+    with environ({"WORLD_SIZE": str(world_size)}):
+        load_config(schema, argv[2], argv[3:])
 
 
 def run(args: argparse.Namespace, entry: str = DEFAULT_ENTRY) -> submitit.Job:
@@ -95,6 +106,8 @@ def run(args: argparse.Namespace, entry: str = DEFAULT_ENTRY) -> submitit.Job:
     )
     res.validate()
     argv, run_dir = command_argv(args, job_dir)
+    if entry == DEFAULT_ENTRY:
+        check_config(argv, res.nodes * res.tasks)
     job = submit(argv, job_dir, res, run_dir=run_dir, entry=entry)
     where = f" to partition {res.partition}" if res.partition else ""
     print(f"Submitted job {job.job_id} ({res.cluster}{where}): {res.nodes} node(s) x {res.tasks} task(s), "

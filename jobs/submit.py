@@ -3,9 +3,12 @@
 come from the user, the rendezvous from the job itself, files go under the user's job directory."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import re
 import shutil
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -64,9 +67,10 @@ class Resources:
             raise ValueError(f"--cluster {self.cluster} runs on this machine only: use --nodes 1 or --cluster slurm")
         if self.cluster == "debug" and self.tasks > 1:
             raise ValueError("--cluster debug runs one process (this one): use --cluster local for several tasks")
-        if self.cluster == "slurm" and shutil.which("sbatch") is None:
-            raise ValueError("sbatch not found on PATH: submit from a Slurm login node, or use --cluster local "
-                             "to run on this machine")
+        missing = [exe for exe in ("sbatch", "srun") if shutil.which(exe) is None]  # submitit needs both
+        if self.cluster == "slurm" and missing:
+            raise ValueError(f"{' and '.join(missing)} not found on PATH: submit from a Slurm login node, or use "
+                             "--cluster local to run on this machine")
 
 
 def make_executor(job_dir: Path, res: Resources) -> submitit.AutoExecutor:
@@ -94,7 +98,22 @@ def submit(argv: Sequence[str], job_dir: str | Path, res: Resources, *, run_dir:
     """
     job_dir = Path(job_dir).resolve()
     executor = make_executor(job_dir, res)  # validates before any file is written
+    created = not job_dir.exists()
     job_dir.mkdir(parents=True, exist_ok=True)
     command = DistributedCommand(tuple(argv), entry=entry, run_dir=str(run_dir) if run_dir else None,
                                  max_requeues=res.max_requeues)
-    return executor.submit(command)
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):  # submitit prints sbatch's stderr before raising: say it once
+            job = executor.submit(command)
+    except submitit.core.utils.FailedJobError as e:
+        if created:  # nothing was submitted: leave no half-made job folder behind
+            shutil.rmtree(job_dir, ignore_errors=True)
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        raise ValueError(f"sbatch refused the job ({lines[-1] if lines else 'no message'}): is Slurm reachable from "
+                         "here (try `sinfo`)? Or use --cluster local to run on this machine") from None
+    except BaseException:
+        sys.stderr.write(said.getvalue())
+        raise
+    sys.stderr.write(said.getvalue())
+    return job

@@ -16,6 +16,23 @@ def test_help_lists_commands(capsys):
     assert "demo" in capsys.readouterr().out
 
 
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    from importlib.metadata import version
+    assert capsys.readouterr().out.strip() == f"fcmae {version('fcmae')}"
+
+
+def test_bench_help_shows_every_default():
+    from fcmae.cli import build_parser
+
+    bench = build_parser()._subparsers._group_actions[0].choices["bench"]
+    for action in bench._actions:
+        if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
+            assert action.help and "default" in action.help, action.option_strings
+
+
 def test_demo_quick_prints_table(tmp_path):
     """The whole demo story in its reduced mode: pretrain, convert, fine-tune twice, the comparison table."""
     out = subprocess.run(
@@ -32,5 +49,6 @@ def test_demo_quick_prints_table(tmp_path):
         assert float(table[name][2]) == pytest.approx(last["ema_top1"], abs=0.005)
     assert (tmp_path / "encoder-timm.safetensors").is_file()
     assert "fresh: head.fc, head.norm" in out
+    assert "pretraining on the first 128 of the 1797 digits" in out  # --quick says what it uses
     png = out.split("reconstructions: ")[1].split()[0]
     assert os.path.isfile(png)

@@ -74,3 +74,39 @@ def test_cli_bad_config_fails_fast(tmp_path, capsys):
     assert main(["pretrain", f"output_dir={out}", "data.format=digits", "data.batch_size=8", "data.image_size=64",
                  "data.num_workers=0", "model.mask_ratio=0.5", "resume=/no/such.pt"]) == 2
     assert "resume" in capsys.readouterr().err
+
+
+def test_config_takes_a_recipe_name(tmp_path, capsys):
+    """--config: a path, `kind/name`, a bare name for the command's kind, or configs/... as README writes it."""
+    from fcmae.recipes import find_config, recipe_names
+
+    tiny = os.path.join(os.path.dirname(CONFIGS), "pretrain", "tiny.yaml")
+    assert "pretrain/tiny" in recipe_names() and "finetune/demo" in recipe_names("finetune")
+    for value in ("pretrain/tiny", "configs/pretrain/tiny.yaml"):
+        assert os.path.samefile(find_config(value), tiny)
+    assert os.path.samefile(find_config("tiny", "pretrain"), tiny)
+    own = tmp_path / "tiny"  # an existing file wins over a recipe of the same name
+    own.write_text("seed: 3\n")
+    assert find_config(str(own), "pretrain") == str(own)
+    with pytest.raises(ValueError, match=r"'tiny' is neither a file nor a recipe.*pretrain/tiny"):
+        find_config("tiny")
+    assert main(["pretrain", "--config", "tinyy", f"output_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "atto, base, demo, femto, huge, large, nano, pico, tiny" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_print_config_shows_value_default_and_source(tmp_path, capsys):
+    argv = ["pretrain", "--config", "demo", "--print-config", "optim.epochs=2", f"output_dir={tmp_path / 'r'}"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split()[1:] for line in lines[2:] if not line.startswith("#")}
+    from fcmae.config import to_dict
+
+    def leaves(d, prefix=""):
+        return [k for key, v in d.items() for k in (leaves(v, f"{prefix}{key}.") if isinstance(v, dict)
+                                                    else [prefix + key])]
+    assert sorted(rows) == sorted(leaves(to_dict(PretrainConfig())))  # every key, once
+    assert rows["optim.epochs"] == ["2", "800", "override"] and rows["model.mask_ratio"] == ["0.5", "0.6", "recipe"]
+    assert rows["optim.lr"] == ["null", "null", "default"]
+    assert not (tmp_path / "r").exists()  # printed, nothing run

@@ -265,32 +265,41 @@ def timm_load_hint(name: str, path: str | os.PathLike, num_classes: int, patch_s
 
 
 def write_timm(weights: EncoderWeights, dst: str | os.PathLike, num_classes: int | None = None,
-               head_init_scale: float = HEAD_INIT_SCALE) -> list[str]:
-    """Write a timm classifier state_dict (safetensors or torch by suffix) -> the fresh keys."""
+               head_init_scale: float = HEAD_INIT_SCALE, metadata: dict[str, str] | None = None) -> list[str]:
+    """Write a timm classifier state_dict (safetensors or torch by suffix) -> the fresh keys. metadata: extra
+    safetensors metadata (convnextv2.checkpoint.hub.metadata: the preprocessing)."""
     sd, fresh = timm_classifier_state_dict(weights, num_classes, head_init_scale)
-    save_state_dict(sd, dst, timm_metadata(weights.arch))
+    save_state_dict(sd, dst, {**timm_metadata(weights.arch), **(metadata or {})})
     return fresh
 
 
-def hf_state_dict(weights: EncoderWeights, num_classes: int | None = None,
-                  head_init_scale: float = HEAD_INIT_SCALE) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
+def hf_state_dict(weights: EncoderWeights, num_classes: int | None = None, head_init_scale: float = HEAD_INIT_SCALE,
+                  labels: list[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any], list[str]]:
     """-> (transformers ConvNextV2 state_dict, its config dict, fresh timm keys). num_classes 0 gives
-    ConvNextV2Model keys; otherwise ConvNextV2ForImageClassification keys."""
+    ConvNextV2Model keys; otherwise ConvNextV2ForImageClassification keys (labels: id2label's names)."""
     sd, fresh = timm_classifier_state_dict(weights, num_classes, head_init_scale)
     k = int(sd["head.fc.weight"].shape[0]) if "head.fc.weight" in sd else 0
-    return timm_to_hf(sd, base_model=k == 0), hf_config(weights.arch, k), fresh
+    return timm_to_hf(sd, base_model=k == 0), hf_config(weights.arch, k, labels), fresh
+
+
+def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
 def write_hf(weights: EncoderWeights, dst: str | os.PathLike, num_classes: int | None = None,
-             head_init_scale: float = HEAD_INIT_SCALE) -> list[str]:
+             head_init_scale: float = HEAD_INIT_SCALE, labels: list[str] | None = None,
+             preprocessor: dict[str, Any] | None = None) -> list[str]:
     """Write a transformers ConvNextV2 state_dict to a file (.safetensors/.pth/.pt), or, when dst has no suffix, a
-    folder `from_pretrained` reads offline (config.json + model.safetensors) -> the fresh keys."""
-    sd, config, fresh = hf_state_dict(weights, num_classes, head_init_scale)
+    folder `from_pretrained` reads offline (config.json with id2label from `labels` + model.safetensors, and
+    preprocessor_config.json when `preprocessor` is given: convnextv2.checkpoint.hub) -> the fresh keys."""
+    sd, config, fresh = hf_state_dict(weights, num_classes, head_init_scale, labels)
     dst = Path(dst)
     if dst.suffix:
         save_state_dict(sd, dst)
     else:
         dst.mkdir(parents=True, exist_ok=True)
         save_state_dict(sd, dst / "model.safetensors")
-        atomic_write(dst / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2) + "\n"))
+        write_json(dst / "config.json", config)
+        if preprocessor is not None:
+            write_json(dst / "preprocessor_config.json", preprocessor)
     return fresh

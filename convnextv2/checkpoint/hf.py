@@ -73,10 +73,11 @@ def hf_to_timm(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], li
     return out, unknown
 
 
-def hf_config(arch: Arch, num_classes: int) -> dict[str, Any]:
+def hf_config(arch: Arch, num_classes: int, labels: list[str] | None = None) -> dict[str, Any]:
     """A transformers ConvNextV2Config as a dict (config.json). layer_norm_eps is timm's 1e-6 for the final norm
     (transformers' default 1e-12 would differ slightly); the other norms are fixed at 1e-6 in both. HF's `patch_size`
-    is the stem's kernel == stride (4 standard, 2 for an encoder pretrained with 16-px mask patches)."""
+    is the stem's kernel == stride (4 standard, 2 for an encoder pretrained with 16-px mask patches). labels: the
+    class names (id2label), else LABEL_i."""
     cfg: dict[str, Any] = {
         "model_type": "convnextv2", "architectures": ["ConvNextV2ForImageClassification"],
         "depths": list(arch.depths), "hidden_sizes": list(arch.dims), "num_channels": arch.in_chans,
@@ -84,8 +85,10 @@ def hf_config(arch: Arch, num_classes: int) -> dict[str, Any]:
         "layer_norm_eps": 1e-6, "drop_path_rate": 0.0, "image_size": 224, "initializer_range": 0.02,
     }
     if num_classes > 0:
-        cfg["id2label"] = {str(i): f"LABEL_{i}" for i in range(num_classes)}
-        cfg["label2id"] = {f"LABEL_{i}": i for i in range(num_classes)}
+        names = list(labels) if labels is not None and len(labels) == num_classes else [
+            f"LABEL_{i}" for i in range(num_classes)]
+        cfg["id2label"] = {str(i): n for i, n in enumerate(names)}
+        cfg["label2id"] = {n: i for i, n in enumerate(names)}
     else:
         cfg["architectures"] = ["ConvNextV2Model"]
     return cfg

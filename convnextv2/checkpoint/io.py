@@ -94,6 +94,13 @@ def load_file(path: str | os.PathLike) -> Any:
         raise CheckpointError(f"{path} is {what} ({type(e).__name__}: {e}); re-download or re-save it") from None
 
 
+def _umask() -> int:
+    """The process's umask (reading it means setting it: put it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call write(tmp_path) on a temp file in path's folder, then os.replace it onto path: readers never see half."""
     path = Path(path)
@@ -102,6 +109,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it 0600: give it the mode open() would have
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -122,8 +130,9 @@ def check_weights_suffix(path: str | os.PathLike) -> None:
 
 def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike,
                     metadata: dict[str, str] | None = None) -> Path:
-    """Write a flat {name: tensor} dict atomically: safetensors for *.safetensors (with `metadata` in its header, e.g.
-    the architecture to build), torch.save otherwise (a plain state_dict: metadata is not stored)."""
+    """Write a flat {name: tensor} dict atomically: safetensors for *.safetensors (with `metadata` in its header: the
+    architecture to build, the preprocessing of convnextv2.checkpoint.hub), torch.save otherwise (a plain state_dict:
+    metadata is not stored)."""
     check_weights_suffix(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     if Path(path).suffix == ".safetensors":

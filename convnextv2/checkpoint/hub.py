@@ -1,0 +1,68 @@
+"""The preprocessing an exported classifier was trained with, carried with its weights.
+
+timm's hub layout: a `config.json` beside `model.safetensors` (`timm.create_model("local-dir:FOLDER",
+pretrained=True)` reads both; `timm.data.resolve_data_config(model=model)` then gives the eval transform) holding
+the architecture, num_classes, `pretrained_cfg` (input_size, mean, std, crop_pct, interpolation) and `label_names`.
+The same JSON rides in the safetensors metadata (key `timm_config`), so a lone `.safetensors` still carries it.
+Hugging Face: id2label / label2id in config.json and a ConvNeXt `preprocessor_config.json` (resize to
+size / crop_pct, center crop, bicubic: the same eval transform).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+METADATA_KEY = "timm_config"
+
+
+def timm_hub_config(name: str, num_classes: int, in_chans: int, image_size: int, crop_pct: float,
+                    mean: list[float], std: list[float], label_names: list[str] | None = None,
+                    interpolation: str = "bicubic") -> dict[str, Any]:
+    """timm's config.json for a classifier evaluated with resize(image_size / crop_pct) + center crop."""
+    cfg: dict[str, Any] = {
+        "architecture": name, "num_classes": num_classes, "model_args": {"in_chans": in_chans},
+        "pretrained_cfg": {
+            "input_size": [in_chans, image_size, image_size], "interpolation": interpolation,
+            "crop_pct": crop_pct, "crop_mode": "center", "mean": list(mean), "std": list(std),
+            "num_classes": num_classes, "first_conv": "stem.0", "classifier": "head.fc",
+        },
+    }
+    if label_names is not None:
+        cfg["label_names"] = list(label_names)
+    return cfg
+
+
+def hf_preprocessor_config(image_size: int, crop_pct: float, mean: list[float], std: list[float]) -> dict[str, Any]:
+    """transformers' ConvNextImageProcessor settings for the same eval transform (resample 3 = bicubic)."""
+    return {"image_processor_type": "ConvNextImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
+            "crop_pct": crop_pct, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+            "image_mean": list(mean), "image_std": list(std)}
+
+
+def metadata(config: dict[str, Any] | None) -> dict[str, str] | None:
+    """safetensors metadata carrying the config (None when there is none)."""
+    return None if config is None else {METADATA_KEY: json.dumps(config)}
+
+
+def read_hub_config(path: str | os.PathLike) -> tuple[dict[str, Any], str] | None:
+    """The timm config an exported file carries -> (config, where it came from): its safetensors metadata, else a
+    timm `config.json` beside it; None when neither holds one."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if METADATA_KEY in meta:
+            return json.loads(meta[METADATA_KEY]), f"{path.name}'s metadata"
+    beside = path.parent / "config.json"
+    if beside.is_file():
+        try:
+            cfg = json.loads(beside.read_text())
+        except ValueError:
+            return None
+        if isinstance(cfg, dict) and isinstance(cfg.get("pretrained_cfg"), dict) and "architecture" in cfg:
+            return cfg, str(beside)
+    return None
