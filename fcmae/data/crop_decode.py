@@ -1,0 +1,145 @@
+"""Decode only what a random crop needs: the crop box is drawn from the image's header size (RandomResizedCrop's own
+sampler, same RNG draws as the plain path), then a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8 via
+PIL's `draft`, i.e. libjpeg-turbo's scaled IDCT) that still gives the crop at least the output resolution, and the
+box (mapped to the reduced image, sub-pixel) is resized in one PIL call. Other formats and in-memory images take
+the same code with scale 1 (full decode)."""
+from __future__ import annotations
+
+import io
+import logging
+import os
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms.functional import pil_modes_mapping
+
+from fcmae.data.decode import convert_image, target_mode
+
+log = logging.getLogger(__name__)
+
+Box = tuple[int, int, int, int]  # (top, left, height, width), torchvision's order
+
+
+def open_image(src) -> Image.Image:
+    """Open without decoding pixels (header only); an in-memory PIL image is returned as it is."""
+    if isinstance(src, Image.Image):
+        return src
+    if isinstance(src, (bytes, bytearray)):
+        if not src:
+            raise OSError("zero-byte image")
+        return Image.open(io.BytesIO(src))
+    return Image.open(src)
+
+
+def dct_scale(crop_w: int, crop_h: int, out_w: int, out_h: int) -> int:
+    """Largest JPEG DCT scale denominator in (8, 4, 2, 1) keeping the crop >= the output size on both sides."""
+    for s in (8, 4, 2):
+        if crop_w >= out_w * s and crop_h >= out_h * s:
+            return s
+    return 1
+
+
+def decode_crop(src, in_chans: int, box_fn: Callable[[Image.Image], Box], size: tuple[int, int],
+                resample=Image.BICUBIC, name: str | None = None, fast: bool = True) -> tuple[Image.Image, Box] | None:
+    """Open `src`, draw the box with `box_fn(image)` (it sees the full-size header, not decoded pixels), decode (a
+    JPEG at reduced scale when `fast`), convert to `target_mode(in_chans)` and resize the box to `size` = (w, h)
+    with `resample` (a PIL filter, or a callable returning one, called after `box_fn`: timm's random filter choice).
+
+    -> (image of `size`, box in full-size pixels), or None (with a warning naming `name` or the file) when the
+    image cannot be read: corrupt, truncated, zero-byte, not an image.
+    """
+    try:
+        img = open_image(src)
+        top, left, h, w = box = box_fn(img)
+        filt = resample() if callable(resample) else resample
+        s = dct_scale(w, h, *size) if fast and img.format == "JPEG" else 1
+        if s > 1:
+            W, H = img.size
+            grey = target_mode(in_chans) == "L" and img.mode == "RGB"  # libjpeg then skips the chroma planes
+            img.draft("L" if grey else img.mode, (W // s, H // s))  # Pillow picks exactly scale s for this size
+            if img.size != (-(-W // s), -(-H // s)):
+                raise RuntimeError(f"PIL's draft gave {img.size} for scale 1/{s} of {(W, H)}")
+        img.load()  # the (reduced) decode: truncated files fail here
+        img = convert_image(img, in_chans)
+        # reduced pixel j covers full-size pixels [j*s, (j+1)*s): the box maps by 1/s, sub-pixel
+        out = img.resize(size, filt, box=(left / s, top / s, (left + w) / s, (top + h) / s))
+        return out, box
+    except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
+        where = name or ("<image>" if isinstance(src, Image.Image) else
+                         "<bytes>" if isinstance(src, (bytes, bytearray)) else os.fspath(src))
+        log.warning("skipping unreadable image %s: %s", where, e)
+        return None
+
+
+def to_uint8_tensor(img: Image.Image, in_chans: int) -> torch.Tensor:
+    """PIL image -> (in_chans, H, W) uint8 (a grey image repeated for channel counts without a PIL mode)."""
+    x = torch.from_numpy(np.array(img, dtype=np.uint8))
+    x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
+    return x if x.shape[0] == in_chans else x.expand(in_chans, -1, -1)
+
+
+class CropDecode:
+    """Pretraining augmentation (SPEC §2) from an encoded image: RandomResizedCrop(size, (min_scale, 1), 3/4-4/3,
+    bicubic) + horizontal flip -> (in_chans, size, size) uint8. Normalisation happens batched on the device
+    (`fcmae.data.device.to_device`).
+
+    Draws from torch's RNG exactly as torchvision's RandomResizedCrop + RandomHorizontalFlip do (box, then flip),
+    so under `transforms.seeded_call` a sample's crop and flip are those of the plain pipeline with the same seed.
+    Called on a source (path, bytes or PIL image); returns None when it cannot be decoded.
+    """
+
+    decodes = True  # takes the encoded source, not a decoded image (see `folder.load_sample`)
+
+    def __init__(self, size: int, in_chans: int, min_scale: float = 0.2, hflip: float = 0.5,
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), fast: bool = True):
+        self.size, self.in_chans, self.scale, self.ratio = size, in_chans, (min_scale, 1.0), ratio
+        self.hflip, self.fast = hflip, fast
+
+    def box(self, img: Image.Image) -> Box:
+        return T.RandomResizedCrop.get_params(img, self.scale, self.ratio)
+
+    def __call__(self, src, name: str | None = None) -> torch.Tensor | None:
+        got = decode_crop(src, self.in_chans, self.box, (self.size, self.size), name=name, fast=self.fast)
+        if got is None:
+            return None
+        x = to_uint8_tensor(got[0], self.in_chans)
+        if torch.rand(1) < self.hflip:  # RandomHorizontalFlip's draw
+            x = x.flip(-1)
+        return x
+
+    def __repr__(self) -> str:
+        return (f"CropDecode(size={self.size}, in_chans={self.in_chans}, scale={self.scale}, hflip={self.hflip}, "
+                f"fast={self.fast})")
+
+
+class CropDecodeThen:
+    """A timm train transform whose first step is RandomResizedCropAndInterpolation, run from the encoded image:
+    the crop decoded at reduced scale (same `random` draws as timm's get_params), then the rest (flip, RandAugment,
+    ToTensor, Normalize, random erasing) unchanged on the small crop. Returns None when undecodable."""
+
+    decodes = True
+
+    def __init__(self, crop, rest: Callable, in_chans: int, fast: bool = True):
+        self.crop, self.rest, self.in_chans, self.fast = crop, rest, in_chans, fast
+
+    def box(self, img: Image.Image) -> Box:
+        return self.crop.get_params(img, self.crop.scale, self.crop.ratio)
+
+    def filter(self) -> int:
+        interp = self.crop.interpolation
+        if isinstance(interp, (tuple, list)):  # timm's 'random' interpolation: its draw, after the box's
+            import random
+
+            interp = random.choice(interp)
+        return pil_modes_mapping[interp]
+
+    def __call__(self, src, name: str | None = None):
+        h, w = self.crop.size
+        got = decode_crop(src, self.in_chans, self.box, (w, h), self.filter, name=name, fast=self.fast)
+        return None if got is None else self.rest(got[0])
+
+    def __repr__(self) -> str:
+        return f"CropDecodeThen({self.crop!r}, fast={self.fast}, then {self.rest!r})"
