@@ -1,8 +1,8 @@
 """Decode only what a random crop needs: the crop box is drawn from the image's header size (RandomResizedCrop's own
 sampler, same RNG draws as the plain path), then a JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8 via
 PIL's `draft`, i.e. libjpeg-turbo's scaled IDCT) that still gives the crop at least the output resolution, and the
-box (mapped to the reduced image, sub-pixel) is resized in one PIL call. Other formats and in-memory images take
-the same code with scale 1 (full decode)."""
+box (mapped to the reduced image) is resized by torch's antialiased uint8 kernels (PIL's filters, several times
+faster). Other formats and in-memory images take the same code with scale 1 (full decode)."""
 from __future__ import annotations
 
 import io
@@ -13,10 +13,12 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
+from torch.nn import functional as F
 from torchvision import transforms as T
+from torchvision.transforms import InterpolationMode
 from torchvision.transforms.functional import pil_modes_mapping
 
-from fcmae.data.decode import convert_image, target_mode
+from fcmae.data.decode import PIL_MODES, convert_image, target_mode
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +44,48 @@ def dct_scale(crop_w: int, crop_h: int, out_w: int, out_h: int) -> int:
     return 1
 
 
-def decode_crop(src, in_chans: int, box_fn: Callable[[Image.Image], Box], size: tuple[int, int],
-                resample=Image.BICUBIC, name: str | None = None, fast: bool = True) -> tuple[Image.Image, Box] | None:
-    """Open `src`, draw the box with `box_fn(image)` (it sees the full-size header, not decoded pixels), decode (a
-    JPEG at reduced scale when `fast`), convert to `target_mode(in_chans)` and resize the box to `size` = (w, h)
-    with `resample` (a PIL filter, or a callable returning one, called after `box_fn`: timm's random filter choice).
+def pil_to_uint8(img: Image.Image) -> torch.Tensor:
+    """PIL image (L, RGB, RGBA) -> (C, H, W) uint8 (a view of HWC memory)."""
+    x = torch.from_numpy(np.array(img, dtype=np.uint8))
+    return x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
 
-    -> (image of `size`, box in full-size pixels), or None (with a warning naming `name` or the file) when the
-    image cannot be read: corrupt, truncated, zero-byte, not an image.
+
+def uint8_to_pil(x: torch.Tensor) -> Image.Image:
+    """(C, H, W) uint8 with C in (1, 3, 4) -> PIL image (L, RGB, RGBA)."""
+    return Image.fromarray(x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy(), PIL_MODES[x.shape[0]])
+
+
+def resize_box(img: Image.Image, box: tuple[float, float, float, float], size: tuple[int, int],
+               interpolation: str = "bicubic") -> torch.Tensor:
+    """Region `box` = (left, top, right, bottom) of `img` resized to `size` = (w, h) -> (C, h, w) uint8.
+
+    Bicubic/bilinear run in torch's antialiased uint8 kernels (the filters of PIL's resize, within 1 grey level)
+    on the box rounded to whole pixels; other filters use PIL's resize on the exact box."""
+    if interpolation not in ("bicubic", "bilinear"):
+        return pil_to_uint8(img.resize(size, pil_modes_mapping[InterpolationMode(interpolation)], box=box))
+    W, H = img.size
+    left, top = min(max(round(box[0]), 0), W - 1), min(max(round(box[1]), 0), H - 1)
+    right, bottom = max(min(round(box[2]), W), left + 1), max(min(round(box[3]), H), top + 1)
+    x = pil_to_uint8(img.crop((left, top, right, bottom)))[None]  # copies only the box's pixels
+    # (1, C, h, w) with HWC memory: channels-last, the layout of torch's fast uint8 kernels
+    return F.interpolate(x, (size[1], size[0]), mode=interpolation, antialias=True, align_corners=False)[0]
+
+
+def decode_crop(src, in_chans: int, box_fn: Callable[[Image.Image], Box], size: tuple[int, int],
+                interpolation: str | Callable[[], str] = "bicubic", name: str | None = None,
+                fast: bool = True) -> tuple[torch.Tensor, Box] | None:
+    """Open `src` (path, bytes or PIL image), draw the box with `box_fn(image)` (it sees the full-size header, not
+    decoded pixels), decode (a JPEG at reduced scale when `fast`), convert to `target_mode(in_chans)` and resize the
+    box to `size` = (w, h) with `interpolation` (an InterpolationMode value, or a callable returning one, called
+    after `box_fn`: timm's random filter choice).
+
+    -> ((C, h, w) uint8 with C the channels of `target_mode(in_chans)`, box in full-size pixels), or None (with a
+    warning naming `name` or the file) when the image cannot be read: corrupt, truncated, zero-byte, not an image.
     """
     try:
         img = open_image(src)
         top, left, h, w = box = box_fn(img)
-        filt = resample() if callable(resample) else resample
+        interp = interpolation() if callable(interpolation) else interpolation
         s = dct_scale(w, h, *size) if fast and img.format == "JPEG" else 1
         if s > 1:
             W, H = img.size
@@ -64,21 +95,13 @@ def decode_crop(src, in_chans: int, box_fn: Callable[[Image.Image], Box], size: 
                 raise RuntimeError(f"PIL's draft gave {img.size} for scale 1/{s} of {(W, H)}")
         img.load()  # the (reduced) decode: truncated files fail here
         img = convert_image(img, in_chans)
-        # reduced pixel j covers full-size pixels [j*s, (j+1)*s): the box maps by 1/s, sub-pixel
-        out = img.resize(size, filt, box=(left / s, top / s, (left + w) / s, (top + h) / s))
-        return out, box
+        # reduced pixel j covers full-size pixels [j*s, (j+1)*s): the box maps by 1/s
+        return resize_box(img, (left / s, top / s, (left + w) / s, (top + h) / s), size, interp), box
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
         where = name or ("<image>" if isinstance(src, Image.Image) else
                          "<bytes>" if isinstance(src, (bytes, bytearray)) else os.fspath(src))
         log.warning("skipping unreadable image %s: %s", where, e)
         return None
-
-
-def to_uint8_tensor(img: Image.Image, in_chans: int) -> torch.Tensor:
-    """PIL image -> (in_chans, H, W) uint8 (a grey image repeated for channel counts without a PIL mode)."""
-    x = torch.from_numpy(np.array(img, dtype=np.uint8))
-    x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
-    return x if x.shape[0] == in_chans else x.expand(in_chans, -1, -1)
 
 
 class CropDecode:
@@ -91,7 +114,7 @@ class CropDecode:
     Called on a source (path, bytes or PIL image); returns None when it cannot be decoded.
     """
 
-    decodes = True  # takes the encoded source, not a decoded image (see `folder.load_sample`)
+    decodes = True  # takes the encoded source, not a decoded image (see `transforms.load_sample`)
 
     def __init__(self, size: int, in_chans: int, min_scale: float = 0.2, hflip: float = 0.5,
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), fast: bool = True):
@@ -105,7 +128,7 @@ class CropDecode:
         got = decode_crop(src, self.in_chans, self.box, (self.size, self.size), name=name, fast=self.fast)
         if got is None:
             return None
-        x = to_uint8_tensor(got[0], self.in_chans)
+        x = got[0] if got[0].shape[0] == self.in_chans else got[0].expand(self.in_chans, -1, -1)  # grey -> C
         if torch.rand(1) < self.hflip:  # RandomHorizontalFlip's draw
             x = x.flip(-1)
         return x
@@ -128,18 +151,18 @@ class CropDecodeThen:
     def box(self, img: Image.Image) -> Box:
         return self.crop.get_params(img, self.crop.scale, self.crop.ratio)
 
-    def filter(self) -> int:
+    def interpolation(self) -> str:
         interp = self.crop.interpolation
         if isinstance(interp, (tuple, list)):  # timm's 'random' interpolation: its draw, after the box's
             import random
 
             interp = random.choice(interp)
-        return pil_modes_mapping[interp]
+        return InterpolationMode(interp).value
 
     def __call__(self, src, name: str | None = None):
         h, w = self.crop.size
-        got = decode_crop(src, self.in_chans, self.box, (w, h), self.filter, name=name, fast=self.fast)
-        return None if got is None else self.rest(got[0])
+        got = decode_crop(src, self.in_chans, self.box, (w, h), self.interpolation, name=name, fast=self.fast)
+        return None if got is None else self.rest(uint8_to_pil(got[0]))
 
     def __repr__(self) -> str:
         return f"CropDecodeThen({self.crop!r}, fast={self.fast}, then {self.rest!r})"
