@@ -3,9 +3,10 @@
 old: PIL full decode -> RandomResizedCrop(224, (0.2, 1), bicubic) -> flip -> ToTensor -> Normalize, per sample in
      float on the CPU, seeded per sample with torch.manual_seed (the code before this change, `OldImageFiles`).
 plain: the same transforms with today's per-sample seeding (CPU generator only): what the seeding fix alone buys.
-new: crop box first, JPEG decoded at the smallest DCT scale that keeps the crop >= 224 px, crop + resize in one
-     PIL call, flip, uint8 out (`transforms.train_transform`); normalisation happens batched on the device
-     (its CPU cost, were it done on the CPU, is printed too).
+new: crop box first, JPEG decoded (libjpeg-turbo via simplejpeg) at the smallest DCT scale that keeps the crop
+     >= 224 px, crop + resize in torch's uint8 kernels, flip, uint8 out (`transforms.train_transform`);
+     normalisation happens batched on the device (its CPU cost, were it done on the CPU, is printed too).
+new-pil: the same with PIL decoding the JPEG (`draft` for the DCT scale): what simplejpeg adds.
 new+shards: the new pipeline on the same images pre-resized to short side --max-size (`fcmae shards --max-size`).
 
 For ImageNet-like 500x375 JPEGs and 2000x1500 photos, each loader runs in-process (0 workers; images per CPU
@@ -31,6 +32,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from fcmae.data.crop_decode import CropDecode
 from fcmae.data.decode import decode_image
 from fcmae.data.device import to_device
 from fcmae.data.folder import ImageFiles, list_images
@@ -119,6 +121,7 @@ def main() -> None:
                 "old": OldImageFiles(files, plain_train_transform(args.size, 3), 3),
                 "plain": ImageFiles(files, plain_train_transform(args.size, 3), 3),
                 "new": ImageFiles(files, train_transform(args.size, 3), 3),
+                "new-pil": ImageFiles(files, CropDecode(args.size, 3, turbo=False), 3),
                 f"new+shards{args.max_size}": ImageFiles(list_images(small), train_transform(args.size, 3), 3),
             }
             for ds in loaders.values():

@@ -13,6 +13,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as TF
 
 from fcmae.cli import main
+from fcmae.data import crop_decode
 from fcmae.data.crop_decode import CropDecode, CropDecodeThen, decode_crop, dct_scale
 from fcmae.data.device import to_device
 from fcmae.data.folder import ImageFiles
@@ -80,27 +81,36 @@ def test_dct_scale_keeps_the_crop_at_output_resolution():
     assert dct_scale(5000, 5000, 224, 224) == 8
 
 
-def test_reduced_decode_equals_plain_path_up_to_resampling(monkeypatch):
-    """A fixed box of an 800x600 JPEG at 64 px: decoded at 1/4 scale (checked), the result equals full decode +
-    crop + PIL bicubic resize up to resampling error; with fast=False up to one grey level (torch vs PIL filter)."""
+@pytest.mark.parametrize("decoder", ["simplejpeg", "pil"])
+def test_reduced_decode_equals_plain_path_up_to_resampling(monkeypatch, decoder):
+    """A fixed box of an 800x600 JPEG at 64 px: decoded at 1/4 scale (checked, by simplejpeg or by PIL's draft),
+    the result equals full decode + crop + PIL bicubic resize up to resampling error; with fast=False up to one grey
+    level (torch's vs PIL's filter)."""
     img = photo(800, 600)
     data = jpeg_bytes(img)
     box = (40, 100, 480, 560)  # top, left, h, w: 480 / 64 = 7.5 -> 1/4 is the smallest scale keeping >= 64 px
     full = Image.open(io.BytesIO(data)).convert("RGB")
     ref = np.asarray(full.crop((100, 40, 660, 520)).resize((64, 64), Image.BICUBIC), dtype=np.float64)
-    drafts = []
-    real_draft = JpegImagePlugin.JpegImageFile.draft
+    decoded = []  # (decoder, size of the decoded image)
+    real_draft, real_turbo = JpegImagePlugin.JpegImageFile.draft, crop_decode.turbo_decode
 
-    def spy(self, mode, size):
+    def draft(self, mode, size):
         out = real_draft(self, mode, size)
-        drafts.append(self.size)
+        decoded.append(("pil", self.size))
         return out
 
-    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", spy)
+    def turbo(data, mode, s, size):
+        x = real_turbo(data, mode, s, size) if decoder == "simplejpeg" else None
+        if x is not None:
+            decoded.append(("simplejpeg", tuple(x.shape[:0:-1])))
+        return x
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", draft)
+    monkeypatch.setattr(crop_decode, "turbo_decode", turbo)
     fast, got_box = decode_crop(data, 3, lambda im: box, (64, 64))
-    assert drafts == [(200, 150)] and got_box == box  # decoded at 1/4 scale
+    assert decoded == [(decoder, (200, 150))] and got_box == box  # decoded at 1/4 scale
     exact, _ = decode_crop(data, 3, lambda im: box, (64, 64), fast=False)
-    assert len(drafts) == 1 and fast.shape == exact.shape == (3, 64, 64) and fast.dtype == torch.uint8
+    assert len(decoded) == 1 and fast.shape == exact.shape == (3, 64, 64) and fast.dtype == torch.uint8
     err = np.abs(fast.permute(1, 2, 0).numpy() - ref)
     assert err.mean() < 2.5 and np.percentile(err, 99) < 12, (err.mean(), np.percentile(err, 99))
     assert np.abs(exact.permute(1, 2, 0).numpy() - ref).max() <= 1
