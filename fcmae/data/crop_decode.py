@@ -119,7 +119,8 @@ def decode_crop(src, in_chans: int, box_fn: Callable[[Image.Image], Box], size: 
         interp = interpolation() if callable(interpolation) else interpolation
         mode = target_mode(in_chans)
         s = dct_scale(w, h, *size) if fast and img.format == "JPEG" else 1
-        turbo = turbo and fast and data is not None and img.format == "JPEG" and {img.mode, mode} <= {"RGB", "L"}
+        turbo = turbo and fast and data is not None and img.format == "JPEG"
+        turbo = turbo and {img.mode, mode} <= {"RGB", "L"}  # CMYK/YCCK: PIL converts
         x = turbo_decode(data, mode, s, img.size) if turbo else None
         if x is None:
             if s > 1:
