@@ -108,7 +108,8 @@ def decode_crop(src, in_chans: int, box_fn: Callable[[Image.Image], Box], size: 
     after `box_fn`: timm's random filter choice).
 
     With `fast` and `turbo`, RGB and grey JPEGs are decoded by libjpeg-turbo through simplejpeg (straight into an
-    array, no PIL copy); CMYK, anything simplejpeg reports, and other formats go through PIL (`draft` for the reduced scale).
+    array, no PIL copy); CMYK, anything simplejpeg reports, and other formats go through PIL (`draft` for the
+    reduced scale).
     -> ((C, h, w) uint8 with C the channels of `target_mode(in_chans)`, box in full-size pixels), or None (with a
     warning naming `name` or the file) when the image cannot be read: corrupt, truncated, zero-byte, not an image.
     """
