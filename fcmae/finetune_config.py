@@ -58,6 +58,7 @@ class FinetuneDataConfig:
     reprob: float = 0.25  # random erasing probability
     min_scale: float = 0.08  # RandomResizedCrop scale (min_scale, 1)
     hflip: float = 0.5
+    fast_decode: bool = True  # JPEGs decoded at the smallest DCT scale the random crop allows
     mean: Optional[list[float]] = None  # one value per input channel; None: ImageNet's (grey for in_chans != 3)
     std: Optional[list[float]] = None
     digits_per_class: int = 10  # digits: labeled training images per class (a small labeled subset)

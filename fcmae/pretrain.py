@@ -111,9 +111,7 @@ class PretrainTask:
         return full[self.info.rank::self.info.world_size]
 
     def loss(self, model: nn.Module, batch: Any, epoch: int, micro: int) -> torch.Tensor:
-        imgs = batch[0].to(self.info.device, non_blocking=True)
-        if self.cfg.channels_last:
-            imgs = imgs.contiguous(memory_format=torch.channels_last)
+        imgs = self.data.to_device(batch[0], self.info.device, self.cfg.channels_last)  # uint8 -> normalised
         loss, _, _ = model(imgs, self.mask(epoch, micro).to(self.info.device))
         return loss
 

@@ -50,6 +50,7 @@ class DataConfig:
     num_workers: int = 8  # DataLoader workers per process
     min_scale: float = 0.2  # RandomResizedCrop scale (min_scale, 1)
     hflip: float = 0.5
+    fast_decode: bool = True  # JPEGs decoded at the smallest DCT scale the random crop allows
     mean: Optional[list[float]] = None  # None: ImageNet for 3 channels, else 0.449 per channel
     std: Optional[list[float]] = None  # None: ImageNet for 3 channels, else 0.226 per channel
     shuffle_buffer: int = 2000  # webdataset: samples in the shuffle buffer per worker

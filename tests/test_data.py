@@ -86,15 +86,18 @@ def test_shards_roundtrip_and_skip(tmp_path):
     src, dst = tmp_path / "src", tmp_path / "shards"
     make_imagefolder(str(src), classes=2, per_class=5)
     write_broken(str(src / "class_0" / "img_002.jpg"), "zero")
-    sizes = write_shards(str(src), str(dst), shard_size=4)
-    assert sizes == {"shard-000000.tar": 4, "shard-000001.tar": 4, "shard-000002.tar": 2}
-    urls = expand_shards(str(dst / "shard-{000000..000002}.tar"))
-    assert urls == expand_shards(str(dst)) and count_samples(urls) == 10
+    write_broken(str(src / "class_1" / "img_004.jpg"), "truncated")
+    skipped = []
+    sizes = write_shards(str(src), str(dst), shard_size=4, skipped=skipped)
+    assert sizes == {"shard-000000.tar": 4, "shard-000001.tar": 4}  # the unreadable two are left out, and named
+    assert sorted(skipped) == [str(src / "class_0" / "img_002.jpg"), str(src / "class_1" / "img_004.jpg")]
+    urls = expand_shards(str(dst / "shard-{000000..000001}.tar"))
+    assert urls == expand_shards(str(dst)) and count_samples(urls) == 8
     ds = ShardImages(urls, train_transform(64, 3), 3, batch=3, seed=0, shuffle_buffer=4)
     it = iter(ds)
-    batches = [next(it) for _ in range(4)]  # 12 decodable-sample slots from an endless stream
-    assert all(b[0].shape == (3, 3, 64, 64) for b in batches)
-    assert sum(int(b[2].sum()) for b in batches[:3]) == 1  # the zero-byte image, skipped once in the first pass
+    batches = [next(it) for _ in range(4)]  # 12 sample slots from an endless stream
+    assert all(b[0].shape == (3, 3, 64, 64) and b[0].dtype == torch.uint8 for b in batches)
+    assert sum(int(b[2].sum()) for b in batches) == 0
     ds.set_epoch(0, skip_batches=2)
     assert torch.equal(next(iter(ds))[0], batches[2][0])  # a resumed epoch continues where it stopped
     with pytest.raises(ValueError, match="no webdataset shards"):

@@ -7,6 +7,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from fcmae.data.device import to_device
 from fcmae.data.digits import Digits
 from fcmae.data.folder import ImageFiles, imagefolder_samples, is_imagefolder, list_images
 from fcmae.data.shards import ShardImages, count_samples, expand_shards
@@ -47,14 +48,15 @@ class SkipSampler(DistributedSampler):
 
 
 class ImageData:
-    """Micro-batches (images (b, C, H, W), labels (b,), failures (b,)) of size b = micro_batch for this process."""
+    """Micro-batches (images (b, C, H, W) uint8, labels (b,), failures (b,)) of size b = micro_batch for this process;
+    `to_device` turns the images into normalised floats on the device (`fcmae.data.device.to_device`)."""
 
     def __init__(self, cfg, in_chans: int, micro_batch: int, accum: int, info: DistInfo, seed: int):
         self.cfg, self.in_chans, self.micro_batch, self.info, self.seed = cfg, in_chans, micro_batch, info, seed
         self.format = detect_format(cfg.path, cfg.format)
         d_mean, d_std = default_stats(in_chans)
         self.mean, self.std = cfg.mean or d_mean, cfg.std or d_std
-        tf = train_transform(cfg.image_size, in_chans, cfg.min_scale, cfg.hflip, self.mean, self.std)
+        tf = train_transform(cfg.image_size, in_chans, cfg.min_scale, cfg.hflip, cfg.fast_decode)  # uint8
         self.eval_tf = eval_transform(cfg.image_size, in_chans, self.mean, self.std)
         global_micro = micro_batch * info.world_size
         if self.format == "webdataset":
@@ -90,6 +92,10 @@ class ImageData:
         if self.steps_per_epoch < 1:
             raise ValueError(f"{self.num_samples} images is less than one global batch ({global_micro * accum}); "
                              "lower data.batch_size or add images")
+
+    def to_device(self, imgs: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
+        """uint8 (b, C, H, W) batch -> normalised float32 on `device`."""
+        return to_device(imgs, device, self.mean, self.std, channels_last)
 
     def check_readable(self) -> None:
         """ValueError when the data set holds no readable image at all."""

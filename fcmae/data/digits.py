@@ -18,3 +18,6 @@ class Digits(ImageFiles):
 
     def load(self, i: int):
         return convert_image(self.images[i], self.in_chans)
+
+    def source(self, i: int):
+        return self.images[i]

@@ -7,7 +7,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fcmae.data.decode import IMAGE_EXTENSIONS, decode_image
-from fcmae.data.transforms import seeded_call
+from fcmae.data.transforms import load_sample
 from fcmae.engine.seeds import derive_seed
 
 
@@ -47,7 +47,8 @@ class ImageFiles(Dataset):
 
     An unreadable file is replaced by the next readable one (so batches keep their size and every process runs the
     same number of steps) and counted in `failures`, which the training loop sums into the `skipped` metric.
-    The augmentation of item i is seeded by (seed, epoch, i): see `transforms.seeded_call`.
+    The augmentation of item i is seeded by (seed, epoch, i): see `transforms.seeded_call`. The transform gets the
+    file itself when it decodes (crop-first decoding, `transforms.load_sample`), else the decoded image.
     """
 
     def __init__(self, files: list[str], transform, in_chans: int, labels: list[int] | None = None, seed: int = 0):
@@ -64,14 +65,18 @@ class ImageFiles(Dataset):
         return len(self.files)
 
     def load(self, i: int):
+        """Image i fully decoded (mode-converted), or None."""
         return decode_image(self.files[i], self.in_chans)
+
+    def source(self, i: int):
+        """What the transform decodes for item i: the file path (subclasses: an in-memory PIL image)."""
+        return self.files[i]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, int]:
         for failures in range(len(self.files)):
             j = (i + failures) % len(self.files)
-            img = self.load(j)
-            if img is not None:
-                x = seeded_call(self.transform, img, derive_seed(self.seed, self.epoch, i))
+            x = load_sample(self.transform, self.source(j), self.in_chans, derive_seed(self.seed, self.epoch, i))
+            if x is not None:
                 return x, (self.labels[j] if self.labels else -1), failures
         raise RuntimeError(f"none of the {len(self.files)} images could be decoded")
 

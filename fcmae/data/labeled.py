@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from timm.data import create_transform
 
+from fcmae.data.crop_decode import CropDecodeThen
 from fcmae.data.decode import PIL_MODES
 from fcmae.data.digits import Digits
 from fcmae.data.folder import ImageFiles, imagefolder_samples, is_imagefolder
@@ -27,10 +28,14 @@ class PythonSeeded:
     def __init__(self, transform):
         self.transform = transform
 
-    def __call__(self, img):
+    @property
+    def decodes(self) -> bool:
+        return getattr(self.transform, "decodes", False)
+
+    def __call__(self, img, **kwargs):
         seed = int(torch.randint(0, 2**31 - 1, ()).item())
         with python_seeded(seed):
-            return self.transform(img)
+            return self.transform(img, **kwargs)
 
     def __repr__(self) -> str:
         return f"PythonSeeded({self.transform!r})"
@@ -69,12 +74,17 @@ def with_channels(transform, in_chans: int):
 
 
 def train_transform(cfg, mean, std, in_chans: int = 3):
+    """timm's train transform; its RandomResizedCrop runs from the encoded image (`CropDecodeThen`: JPEGs decoded at
+    reduced scale when data.fast_decode), the rest (flip, RandAugment, normalise, erasing) on the CPU as timm has it:
+    random erasing's 'pixel' mode works on normalised values, so these batches stay float."""
     if in_chans == 4 and cfg.auto_augment:
         raise ValueError("timm's RandAugment cannot transform 4-channel (RGBA) images; set data.auto_augment=null")
     mean, std = grey_stats(mean, std, in_chans)
-    return PythonSeeded(with_channels(create_transform(
+    tf = with_channels(create_transform(
         cfg.image_size, is_training=True, scale=(cfg.min_scale, 1.0), hflip=cfg.hflip, auto_augment=cfg.auto_augment,
-        interpolation="bicubic", re_prob=cfg.reprob, re_mode="pixel", re_count=1, mean=mean, std=std), in_chans))
+        interpolation="bicubic", re_prob=cfg.reprob, re_mode="pixel", re_count=1, mean=mean, std=std), in_chans)
+    crop, *rest = tf.transforms
+    return PythonSeeded(CropDecodeThen(crop, type(tf)(rest), in_chans, fast=cfg.fast_decode))
 
 
 def eval_transform(image_size: int, crop_pct: float, mean, std, in_chans: int = 3):

@@ -13,7 +13,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset
 
 from fcmae.data.decode import IMAGE_EXTENSIONS, decode_image
-from fcmae.data.transforms import seeded_call
+from fcmae.data.transforms import load_sample
 from fcmae.engine.seeds import derive_seed
 
 IMAGE_KEYS = tuple(e[1:] for e in IMAGE_EXTENSIONS)
@@ -55,14 +55,21 @@ def image_bytes(sample: dict) -> bytes | None:
     return None
 
 
+def sample_name(sample: dict) -> str:
+    """'shard.tar:key' for messages about a sample."""
+    return f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+
+
 class ShardImages(IterableDataset):
     """Yields ready batches (images (b, C, H, W), labels (b,) = -1, failures (b,)) from tar shards, forever.
 
     Epoch e visits the shards in an order seeded by (seed, e, pass); this process and this worker take their share
     with webdataset's split_by_node / split_by_worker; samples go through a shuffle buffer seeded by (seed, e, rank,
     worker). The DataLoader (batch_size=None) collects batches from its workers round-robin, so `skip_batches`
-    (a resumed epoch) is honoured by each worker decoding (not augmenting) and dropping its share of samples.
-    Unreadable images are skipped and counted in `failures` of the batch that follows them.
+    (a resumed epoch) is honoured by each worker decoding and dropping its share of samples (decoded as in the
+    original run, so exactly the same ones turn out unreadable).
+    Unreadable images are skipped (with a warning naming shard and key) and counted in `failures` of the batch that
+    follows them.
     """
 
     def __init__(self, urls: list[str], transform, in_chans: int, batch: int, seed: int = 0, shuffle_buffer: int = 2000):
@@ -95,8 +102,9 @@ class ShardImages(IterableDataset):
         skip = max(0, -(-(self.skip_batches - worker) // num_workers)) * self.batch
         images, failures, pending, good = [], [], 0, 0
         for i, sample in enumerate(self.raw_samples(rank, worker)):
-            img = decode_image(image_bytes(sample) or b"", self.in_chans)
-            if img is None:
+            x = load_sample(self.transform, image_bytes(sample) or b"", self.in_chans,
+                            derive_seed(self.seed, self.epoch, rank, worker, i), sample_name(sample))
+            if x is None:
                 pending += 1
                 if pending > 10000 and not images:
                     raise RuntimeError("more than 10000 unreadable images in a row in the shards; check data.path")
@@ -105,7 +113,7 @@ class ShardImages(IterableDataset):
             if good <= skip:
                 pending = 0
                 continue
-            images.append(seeded_call(self.transform, img, derive_seed(self.seed, self.epoch, rank, worker, i)))
+            images.append(x)
             failures.append(pending)
             pending = 0
             if len(images) == self.batch:
@@ -117,7 +125,7 @@ class ShardImages(IterableDataset):
         out = []
         shards = [dict(url=u) for u in self.urls]
         for sample in wds.tarfile_to_samples(handler=wds.warn_and_continue)(iter(shards)):
-            img = decode_image(image_bytes(sample) or b"", self.in_chans)
+            img = decode_image(image_bytes(sample) or b"", self.in_chans, sample_name(sample))
             if img is not None:
                 out.append(transform(img))
                 if len(out) == n:

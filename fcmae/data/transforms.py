@@ -1,5 +1,10 @@
-"""Transforms of SPEC §2 for any in_chans: RandomResizedCrop(scale (min_scale, 1), bicubic) + flip + normalise."""
+"""Transforms of SPEC §2 for any in_chans: RandomResizedCrop(scale (min_scale, 1), bicubic) + flip + normalise.
+
+Training uses `train_transform` (crop-first decode to uint8, normalised on the device); `plain_train_transform` is
+the float all-on-CPU pipeline it replaces, kept as the reference for tests and bench/data_loading.py."""
 from __future__ import annotations
+
+import functools
 
 import torch
 from torchvision import transforms as T
@@ -27,11 +32,20 @@ class RepeatChannels:
         return x if x.shape[0] == self.in_chans else x.expand(self.in_chans, -1, -1).contiguous()
 
 
-def train_transform(
+def train_transform(size: int, in_chans: int, min_scale: float = 0.2, hflip: float = 0.5, fast: bool = True):
+    """Encoded image (path, bytes) or PIL image -> (in_chans, size, size) uint8, None when undecodable; JPEGs are
+    decoded at reduced scale when `fast`. Normalise on the device with `fcmae.data.device.to_device`."""
+    from fcmae.data.crop_decode import CropDecode
+
+    return CropDecode(size, in_chans, min_scale, hflip, fast=fast)
+
+
+def plain_train_transform(
     size: int, in_chans: int, min_scale: float = 0.2, hflip: float = 0.5,
     mean: list[float] | None = None, std: list[float] | None = None,
 ) -> T.Compose:
-    """PIL image (mode from `decode.target_mode`) -> normalised (in_chans, size, size) float tensor."""
+    """PIL image (mode from `decode.target_mode`) -> normalised (in_chans, size, size) float tensor, all on the CPU
+    (the pipeline before crop-first decoding; same RNG draws as `train_transform`)."""
     d_mean, d_std = default_stats(in_chans)
     return T.Compose([
         T.RandomResizedCrop(size, scale=(min_scale, 1.0), interpolation=InterpolationMode.BICUBIC),
@@ -61,5 +75,21 @@ def seeded_call(transform, img, seed: int) -> torch.Tensor:
     number of processes and of where a run was resumed, which makes resume and DDP exactly reproducible.
     """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        # the CPU generator only: torch.manual_seed would also queue a CUDA/XPU/MTIA re-seed, with a formatted
+        # stack trace, on every call in a process without CUDA initialised (0.15 ms, and a list that grows forever)
+        torch.default_generator.manual_seed(seed)
         return transform(img)
+
+
+def load_sample(transform, src, in_chans: int, seed: int, name: str | None = None) -> torch.Tensor | None:
+    """Decode + augment one sample under `seeded_call(seed)`; None when it cannot be decoded (warned, naming `name`
+    or the file). `src`: a path, encoded bytes or a PIL image. Transforms with `decodes = True` (crop-first decoding)
+    take the source itself; others get the fully decoded, mode-converted image."""
+    if getattr(transform, "decodes", False):
+        return seeded_call(functools.partial(transform, name=name), src, seed)
+    from PIL import Image
+
+    from fcmae.data.decode import convert_image, decode_image
+
+    img = convert_image(src, in_chans) if isinstance(src, Image.Image) else decode_image(src, in_chans, name)
+    return None if img is None else seeded_call(transform, img, seed)
