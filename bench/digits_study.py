@@ -220,7 +220,6 @@ def main():
     rows = []
     for seed in [int(s) for s in a.seeds.split(",")]:
         a.seed = seed
-        t0 = time.time()
         if a.load:
             sd, traj, ploss, pt_time = torch.load(a.load.format(seed=seed), weights_only=True), [], 0, 0
         else:

@@ -42,3 +42,13 @@ def require_backend(name: str) -> None:
 def backend(request) -> str:
     require_backend(request.param)
     return request.param
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> str:
+    """A small ImageFolder (2 classes x 12 generated JPEGs) for the pretraining tests, one per test module."""
+    from imagegen import make_imagefolder
+
+    root = tmp_path_factory.mktemp("imagefolder")
+    make_imagefolder(str(root), classes=2, per_class=12)
+    return str(root)

@@ -15,7 +15,6 @@ from fcmae.finetune_config import FinetuneDataConfig
 from fcmae.knn import knn_probe, knn_scores, knn_top1, probe_splits
 from fcmae.pretrain import pretrain
 from fcmae.pretrain_config import PretrainConfig
-from imagegen import make_imagefolder
 
 
 def oracle_knn(train, train_labels, val, num_classes, k=20, T=0.07):
@@ -129,13 +128,6 @@ def config(out, data, *extra):
 
 def rows(out):
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imagefolder")
-    make_imagefolder(str(root), classes=2, per_class=12)
-    return str(root)
 
 
 @pytest.fixture(scope="module")

@@ -38,13 +38,6 @@ def load_state(path):
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("imagefolder")
-    make_imagefolder(str(root), classes=2, per_class=12)
-    return str(root)
-
-
-@pytest.fixture(scope="module")
 def reference(folder, tmp_path_factory):
     """An uninterrupted two-epoch run: the oracle for resume and DDP."""
     out = str(tmp_path_factory.mktemp("ref"))

@@ -55,13 +55,6 @@ def snapshot(folder):
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("images")
-    make_imagefolder(str(root), classes=2, per_class=12)
-    return str(root)
-
-
-@pytest.fixture(scope="module")
 def finished(folder, tmp_path_factory):
     """A finished one-epoch pretraining (3 steps)."""
     out = str(tmp_path_factory.mktemp("finished"))

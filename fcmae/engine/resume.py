@@ -29,8 +29,8 @@ def read_training_checkpoint(path: str, explicit: bool) -> dict[str, Any]:
     try:
         state = load_file(path)
     except CheckpointError as e:
-        fix = "" if explicit else (f"; to start afresh move it away, or resume from an older checkpoint with "
-                                   f"resume=PATH (e.g. a checkpoint-epochN.pt)")
+        fix = "" if explicit else ("; to start afresh move it away, or resume from an older checkpoint with "
+                                   "resume=PATH (e.g. a checkpoint-epochN.pt)")
         raise ValueError(f"cannot resume: {e}{fix}") from None
     if not isinstance(state, dict) or any(k not in state for k in TRAINING_KEYS):
         raise ValueError(
