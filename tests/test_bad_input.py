@@ -53,7 +53,7 @@ def test_malformed_yaml_file_and_override_subprocess(tmp_path, images):
 
 
 @pytest.mark.parametrize("text, words", [
-    (None, ["does not exist", "--config"]),
+    (None, ["is neither a file nor a recipe", "--config"]),
     ("42\n", ["must hold a mapping", "42"]),
 ])
 def test_config_file_missing_or_scalar(tmp_path, capsys, text, words):

@@ -28,9 +28,12 @@ def test_bench_help_shows_every_default():
     from fcmae.cli import build_parser
 
     bench = build_parser()._subparsers._group_actions[0].choices["bench"]
+    text = " ".join(bench.format_help().split())
     for action in bench._actions:
         if action.option_strings and action.default not in (None, False, "==SUPPRESS=="):
-            assert action.help and "default" in action.help, action.option_strings
+            assert action.help, action.option_strings
+            default = " ".join(action.default) if isinstance(action.default, list) else action.default
+            assert f"(default: {default})" in text, action.option_strings
 
 
 def test_demo_quick_prints_table(tmp_path):
@@ -49,6 +52,6 @@ def test_demo_quick_prints_table(tmp_path):
         assert float(table[name][2]) == pytest.approx(last["ema_top1"], abs=0.005)
     assert (tmp_path / "encoder-timm.safetensors").is_file()
     assert "fresh: head.fc, head.norm" in out
-    assert "pretraining on the first 128 of the 1797 digits" in out  # --quick says what it uses
+    assert "pretraining on the first 128 of the 1297 digits that are not held out" in out  # --quick says what it uses
     png = out.split("reconstructions: ")[1].split()[0]
     assert os.path.isfile(png)

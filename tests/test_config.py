@@ -107,6 +107,6 @@ def test_print_config_shows_value_default_and_source(tmp_path, capsys):
         return [k for key, v in d.items() for k in (leaves(v, f"{prefix}{key}.") if isinstance(v, dict)
                                                     else [prefix + key])]
     assert sorted(rows) == sorted(leaves(to_dict(PretrainConfig())))  # every key, once
-    assert rows["optim.epochs"] == ["2", "800", "override"] and rows["model.mask_ratio"] == ["0.5", "0.6", "recipe"]
+    assert rows["optim.epochs"] == ["2", "800", "override"] and rows["model.patch_size"] == ["16", "32", "recipe"]
     assert rows["optim.lr"] == ["null", "null", "default"]
     assert not (tmp_path / "r").exists()  # printed, nothing run

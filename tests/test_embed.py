@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import pytest
-import timm
 import torch
 from PIL import Image
 from safetensors import safe_open
@@ -13,6 +12,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from conftest import randomize_grn
+from convnextv2.encoder import create_convnextv2
 from convnextv2.checkpoint import save_state_dict
 from fcmae.cli import main
 from imagegen import smooth_image, write_broken
@@ -36,11 +36,12 @@ def folder(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module", params=[4, 2], ids=["stem4", "stem2"])
+@pytest.fixture(scope="module", params=[32, 16], ids=["stem4", "stem2"])
 def encoder(request, tmp_path_factory):
-    """A random timm atto (the standard 4x4 stem, and a 2x2 stem: 16-px mask patches) saved as a timm file."""
+    """A random timm atto (the standard 4x4 stem, and a 2x2 stem: 16-px mask patches, total stride 16) saved as a
+    timm file."""
     torch.manual_seed(0)
-    model = randomize_grn(timm.create_model("convnextv2_atto", num_classes=0, patch_size=request.param)).eval()
+    model = randomize_grn(create_convnextv2("convnextv2_atto", request.param, num_classes=0)).eval()
     path = tmp_path_factory.mktemp("ckpt") / "atto.safetensors"
     save_state_dict(model.state_dict(), path)
     return model, str(path)

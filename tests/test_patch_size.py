@@ -97,7 +97,7 @@ def test_pretrain_config_errors(overrides, message):
 
 
 def test_pretrain_config_accepts_small_patches():
-    for size, patch in ((48, 16), (40, 8), (8, 8)):
+    for size, patch in ((48, 16), (40, 8), (16, 8)):
         cfg = load_config(PretrainConfig, None, ["data.path=/x", f"data.image_size={size}", f"model.patch_size={patch}"])
         assert cfg.model.patch_size == patch
 
