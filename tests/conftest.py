@@ -20,6 +20,37 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
 
 
+def assert_grads_match(ours: nn.Module, ref: nn.Module, tol: float = 1e-4) -> None:
+    """Every trainable parameter's gradient in `ours` equals `ref`'s (rel. max error <= tol) and is non-zero; only
+    parameters that cannot train (the frozen, unused head norm) may have none."""
+    grads = dict(ours.named_parameters())
+    checked = 0
+    for name, p_ref in ref.named_parameters():
+        if p_ref.grad is None:
+            assert not p_ref.requires_grad, name
+            continue
+        assert p_ref.grad.abs().max() > 0, name
+        assert rel_err(grads[name].grad, p_ref.grad) <= tol, name
+        checked += 1
+    assert checked == sum(p.requires_grad for p in ref.parameters())
+
+
+def trained_fcmae(steps: int = 3, **kwargs):
+    """An atto FCMAE after a few AdamW steps on random 64-px images, so GRN's weights are off zero."""
+    from fcmae import FCMAE
+
+    fcmae = FCMAE("convnextv2_atto", decoder_dim=32, **kwargs)
+    opt = torch.optim.AdamW([p for p in fcmae.parameters() if p.requires_grad], lr=1e-2)
+    imgs = torch.randn(2, 3, 64, 64)
+    for _ in range(steps):
+        loss, _, _ = fcmae(imgs)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert fcmae.encoder.stages[3].blocks[1].mlp.grn.weight.abs().sum() > 0  # GRN moved off zero
+    return fcmae
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

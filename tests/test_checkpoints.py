@@ -7,7 +7,7 @@ import timm
 import torch
 from timm.models.convnext import ConvNeXt, checkpoint_filter_fn
 
-from conftest import randomize_grn, rel_err
+from conftest import randomize_grn, rel_err, trained_fcmae
 from convnextv2 import SparseEncoder
 from convnextv2.checkpoint import (
     SIZES, CheckpointError, infer_arch, load_encoder_weights, load_file, minkowski_conv_to_timm, minkowski_dw_to_timm,
@@ -203,15 +203,7 @@ def test_timm_loads_exported_file_offline(tmp_path, no_network, capsys):
 
 def test_sparse_pretrained_to_dense(tmp_path, no_network):
     """A few FCMAE steps, then the converted classifier's forward_features == the sparse encoder, all visible."""
-    fcmae = FCMAE("convnextv2_atto", decoder_dim=32)
-    opt = torch.optim.AdamW([p for p in fcmae.parameters() if p.requires_grad], lr=1e-2)
-    imgs = torch.randn(2, 3, 64, 64)
-    for _ in range(3):
-        loss, _, _ = fcmae(imgs)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert fcmae.encoder.stages[3].blocks[1].mlp.grn.weight.abs().sum() > 0  # GRN moved off zero
+    fcmae = trained_fcmae()
     ckpt = tmp_path / "last.pt"
     save_torch(fcmae_checkpoint(fcmae, {"encoder_name": "convnextv2_atto", "decoder_dim": 32}), ckpt)
     x = torch.randn(2, 3, 96, 64)

@@ -9,7 +9,7 @@ import timm
 import torch
 from safetensors import safe_open
 
-from conftest import randomize_grn, rel_err
+from conftest import randomize_grn, rel_err, trained_fcmae
 from convnextv2 import SparseEncoder, create_convnextv2
 from convnextv2.checkpoint import (
     CheckpointError, load_encoder_weights, read_encoder, save_state_dict, timm_to_hf, timm_to_minkowski,
@@ -78,15 +78,7 @@ def test_every_format_reads_the_stem_stride(fmt, patch, tmp_path):
 @pytest.fixture
 def fcmae16(tmp_path):
     """An FCMAE checkpoint pretrained at patch 16 (a few steps, so GRN is non-zero) and its encoder's features."""
-    fcmae = FCMAE("convnextv2_atto", decoder_dim=32, patch_size=16)
-    opt = torch.optim.AdamW([p for p in fcmae.parameters() if p.requires_grad], lr=1e-2)
-    imgs = torch.randn(2, 3, 64, 64)
-    for _ in range(3):
-        loss, _, _ = fcmae(imgs)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert fcmae.encoder.stages[3].blocks[1].mlp.grn.weight.abs().sum() > 0
+    fcmae = trained_fcmae(patch_size=16)
     ckpt = tmp_path / "last.pt"
     torch.save(fcmae_checkpoint(fcmae, {"encoder_name": "convnextv2_atto", "decoder_dim": 32, "patch_size": 16}), ckpt)
     x = torch.randn(2, 3, 48, 64)
