@@ -23,7 +23,7 @@ def main() -> None:
     p.add_argument("--out", default="runs/demo-seeds")
     p.add_argument("demo_args", nargs=argparse.REMAINDER, help="after --: arguments for fcmae demo")
     a = p.parse_args()
-    from fcmae import demo
+    from fcmae.commands import demo
 
     extra = [x for x in a.demo_args if x != "--"]
     rows = []

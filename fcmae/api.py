@@ -8,7 +8,7 @@
 `config` is what `--config` takes (a YAML path or a recipe name); keyword arguments are top-level keys, a section
 as a dict (`optim={"epochs": 1}`); `overrides` takes dotted keys ({"optim.epochs": 1}). Both become the commands'
 `key=value` overrides, so a bad key or value fails the same way, with the same message, before anything runs.
-(These live in fcmae.api, not as `fcmae.pretrain`: that name is the command's module.)
+(These live in fcmae.api, not as `fcmae.pretrain`: that name is the library module they call.)
 """
 from __future__ import annotations
 

@@ -1,15 +1,14 @@
-"""The `fcmae` command. Each subcommand lives in its own module exposing `add_parser(subparsers)`."""
+"""The `fcmae` command. Each subcommand lives in its own module of fcmae.commands exposing `add_parser(subparsers)`."""
 from __future__ import annotations
 
 import argparse
 import sys
 from importlib.metadata import PackageNotFoundError, entry_points, version
 
-from fcmae import bench, convert, demo, embed, evaluate, finetune, pretrain, probe, visualize
-from fcmae.data import write_shards
+from fcmae.commands import bench, convert, demo, embed, evaluate, finetune, knn, pretrain, shards, visualize
 from fcmae.engine.loop import NonFiniteLossError
 
-COMMANDS = [pretrain, finetune, evaluate, probe, embed, convert, visualize, write_shards, demo, bench]
+COMMANDS = [pretrain, finetune, evaluate, knn, embed, convert, visualize, shards, demo, bench]
 
 
 def plugin_commands() -> list:

@@ -1,22 +1,15 @@
-"""`fcmae convert SRC DST`: any ConvNeXt V2 checkpoint -> a timm classifier, a Hugging Face state_dict, or an FCMAE
-checkpoint with a fresh decoder (to continue pretraining from released weights).
+"""The FCMAE side of checkpoint conversion (it needs `fcmae.FCMAE`): an FCMAE checkpoint with a fresh decoder from
+any ConvNeXt V2 encoder (to continue pretraining from released weights).
 
-The reading, detection and format rules live in `convnextv2.checkpoint`; this module adds the FCMAE side (which
-needs `fcmae.FCMAE`) and the command line.
+The reading, detection and format rules live in `convnextv2.checkpoint`; the `fcmae convert SRC DST` command, which
+also writes timm and Hugging Face files, is fcmae.commands.convert.
 """
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
 from typing import Any
 
-from convnextv2.checkpoint import (
-    EncoderWeights, detect, load_encoder_weights, load_file, read_encoder, save_state_dict, save_torch,
-    timm_classifier_state_dict, timm_load_hint, timm_metadata, write_hf,
-)
+from convnextv2.checkpoint import EncoderWeights, load_encoder_weights
 from convnextv2.checkpoint.convert import require_name
-from convnextv2.checkpoint.hub import metadata
-from fcmae.export import checkpoint_exports
 from fcmae.model import FCMAE
 
 FCMAE_VERSION = 1
@@ -39,78 +32,3 @@ def fcmae_from_encoder(weights: EncoderWeights, decoder_dim: int = 512, decoder_
     model = FCMAE(**model_args)
     load_encoder_weights(model.encoder, weights)
     return model, model_args
-
-
-def _parts(keys: list[str]) -> str:
-    return ", ".join(sorted({k.rsplit(".", 1)[0] for k in keys})) or "nothing"
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "convert", help="convert a ConvNeXt V2 checkpoint (any format) to timm, Hugging Face or FCMAE",
-        description="Read a ConvNeXt V2 checkpoint in any supported format (this project's FCMAE checkpoints, timm, "
-        "the reference repo's dense / pt_only / MinkowskiEngine files, Hugging Face transformers; .pth/.pt or "
-        ".safetensors), detect its format and size, and write it as a timm classifier (head.norm/head.fc fresh "
-        "unless the source has them; head init scale 0.001), a Hugging Face ConvNextV2 state_dict, or an FCMAE "
-        "checkpoint with a fresh decoder. Files are only read with weights_only=True or safetensors.",
-    )
-    p.add_argument("src", help="checkpoint to read")
-    p.add_argument("dst", help="file to write: .safetensors (recommended for timm/hf), .pth or .pt; for --to hf a "
-                   "path without suffix writes a from_pretrained folder; --to fcmae needs .pt/.pth")
-    p.add_argument("--to", choices=("timm", "hf", "fcmae"), default="timm", help="output format (default timm)")
-    p.add_argument("--model", default=None, help="expected timm name, e.g. convnextv2_tiny (default: inferred)")
-    p.add_argument("--num-classes", type=int, default=None,
-                   help="classifier outputs (default: the source's classifier, else 1000; 0 = no classifier)")
-    p.add_argument("--ema", action="store_true", help="take the EMA weights of a fine-tune's last.pt")
-    p.add_argument("--decoder-dim", type=int, default=512, help="--to fcmae: decoder width (default 512)")
-    p.add_argument("--decoder-depth", type=int, default=1, help="--to fcmae: decoder blocks (default 1)")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    dst = Path(args.dst)
-    if args.to == "fcmae" and dst.suffix not in (".pt", ".pth"):
-        raise ValueError(f"an FCMAE checkpoint is a torch file: name it *.pt or *.pth, not {dst.name}")
-    if args.to == "timm" and dst.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
-        raise ValueError(f"cannot tell the file type of {dst}: name it *.safetensors (recommended), *.pth or *.pt")
-    if args.num_classes is not None and args.num_classes < 0:
-        raise ValueError(f"--num-classes must be >= 0, got {args.num_classes}")
-    raw = load_file(args.src)
-    if args.ema:
-        if not (isinstance(raw, dict) and isinstance(raw.get("ema"), dict)):
-            raise ValueError(f"{args.src} holds no EMA weights (only a fine-tune's last.pt has them; its best-ema.pt "
-                             "and model-ema.safetensors are EMA weights already): leave out --ema")
-        weights = read_encoder(detect({"model": raw["ema"]}, f"{args.src} (EMA)"), model=args.model)
-    else:
-        weights = read_encoder(detect(raw, args.src), model=args.model)
-    exports = checkpoint_exports(raw)  # a fine-tune checkpoint's preprocessing and class names travel along
-    how = "as given by --model" if args.model else "inferred from tensor shapes"
-    print(f"read {args.src}{' (EMA weights)' if args.ema else ''}: {weights.describe()} ({how})")
-    for note in weights.notes:
-        print(f"  {note}")
-    name = require_name(weights.arch)
-    if args.to == "fcmae":
-        model, model_args = fcmae_from_encoder(weights, args.decoder_dim, args.decoder_depth)
-        save_torch(fcmae_checkpoint(model, model_args), dst)
-        print(f"wrote {dst}: FCMAE checkpoint {model_args} (decoder fresh, std .02)")
-        return {"weights": weights, "fresh": ["decoder"]}
-    if args.to == "timm":
-        sd, fresh = timm_classifier_state_dict(weights, args.num_classes)
-        k = int(sd["head.fc.weight"].shape[0]) if "head.fc.weight" in sd else 0
-        hub = exports[0] if exports and k == exports[0]["num_classes"] else None
-        save_state_dict(sd, dst, {**timm_metadata(weights.arch), **(metadata(hub) or {})})
-        scale = " (head.fc init scale 0.001)" if "head.fc.weight" in fresh else ""
-        print(f"wrote {dst}: timm {name} state_dict (patch size {weights.arch.patch_size}), {k} classes; fresh: "
-              f"{_parts(fresh)}{scale}" + ("; with its preprocessing and class names (safetensors metadata)"
-                                           if hub and dst.suffix == ".safetensors" else ""))
-        # timm re-draws head.fc when num_classes differs from the pretrained_cfg's (1000): say it in the overlay.
-        print(f"  load: {timm_load_hint(name, dst, k, weights.arch.patch_size)}")
-    else:
-        k = args.num_classes if args.num_classes is not None else (
-            int(weights.state_dict["head.fc.weight"].shape[0]) if "head.fc.weight" in weights.state_dict else 1000)
-        labels, pre = (exports[2], exports[1]) if exports and k == exports[0]["num_classes"] else (None, None)
-        fresh = write_hf(weights, dst, args.num_classes, labels=labels, preprocessor=pre)
-        print(f"wrote {dst}: Hugging Face ConvNextV2 state_dict{' + config.json' if not dst.suffix else ''}; "
-              f"fresh: {_parts(fresh)}" + (f"; build it with ConvNextV2Config(patch_size={weights.arch.stem_stride})"
-                                           if weights.arch.stem_stride != 4 else ""))
-    return {"weights": weights, "fresh": fresh}

@@ -1,11 +1,11 @@
-"""`fcmae eval CKPT [key=value ...]`: top-1 / top-5 and per-class accuracy of a classifier checkpoint on a val split.
+"""Top-1 / top-5 and per-class accuracy of a classifier checkpoint on a val split (the `fcmae eval` command:
+fcmae.commands.evaluate).
 
 CKPT: a fine-tune checkpoint (best.pt, best-ema.pt, last.pt; `ema=true` takes last.pt's EMA weights) or an exported
 timm classifier (model.safetensors). The data settings default to the ones the checkpoint was trained with.
 """
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -13,7 +13,6 @@ from typing import Any, Literal
 import torch
 
 from convnextv2.encoder import PATCH_SIZES, encoder_patch_size
-from fcmae.config import add_config_arguments, from_dict, merge, parse_overrides
 from fcmae.data.folder import ImageFiles, imagefolder_samples, is_imagefolder
 from fcmae.data.labeled import DIGIT_CLASSES, build_splits, eval_transform, normalization, val_samples
 from fcmae.engine.distributed import cleanup_distributed, init_distributed
@@ -135,38 +134,3 @@ def format_report(meter: ClassificationMeter, classes: list[str]) -> str:
     for c, n, acc in meter.per_class():
         lines.append(f"{c:>5}  {classes[c][:20]:<20} {n:>6}  {acc:>6.2f}")
     return "\n".join(lines)
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "eval", help="top-1/top-5 and per-class accuracy of a classifier checkpoint",
-        description="Evaluate CKPT (best.pt / best-ema.pt / last.pt of `fcmae finetune`, or an exported "
-        "model.safetensors) on a val split. Example: fcmae eval runs/ft/best-ema.pt data.path=/data/imagenet "
-        "(uses data.path/val when it exists). Data settings default to the checkpoint's own.",
-    )
-    p.add_argument("ckpt", help="checkpoint file")
-    add_config_arguments(p, "YAML file with eval keys (device, ema, data.*)", "data.path=/data data.image_size=224")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> None:
-    import yaml
-
-    if not os.path.isfile(args.ckpt):
-        raise ValueError(f"checkpoint {args.ckpt!r} is not a file")
-    model, meta = load_classifier(args.ckpt, ema=False)
-    trained = {k: v for k, v in ((meta.get("config") or {}).get("data") or {}).items() if k in DATA_KEYS}
-    if not meta:  # an exported file: the preprocessing and class names it carries (metadata or config.json)
-        trained, meta, said = exported_preprocessing(args.ckpt, model)
-        print(f"fcmae eval: {said}", flush=True)
-    base: dict[str, Any] = {"data": trained}
-    if args.config:
-        with open(args.config) as f:
-            base = merge(base, yaml.safe_load(f) or {})
-    cfg = from_dict(EvalConfig, merge(base, parse_overrides(args.overrides)))
-    cfg.check()
-    if cfg.ema:
-        model, meta = load_classifier(args.ckpt, ema=True)
-    meter, classes = evaluate(args.ckpt, cfg, meta, model)
-    print(f"fcmae eval: {args.ckpt}{' (EMA)' if cfg.ema else ''}")
-    print(format_report(meter, classes))

@@ -1,4 +1,4 @@
-"""`fcmae finetune --config FILE [key=value ...]`: supervised fine-tuning of a timm ConvNeXt V2 classifier.
+"""Supervised fine-tuning of a timm ConvNeXt V2 classifier (the `fcmae finetune` command: fcmae.commands.finetune).
 
 The classification-specific part of the engine (fcmae.engine.loop): timm's model (drop path, head init scale), the
 pretrained encoder loaded from any checkpoint format, layer-wise lr decay, Mixup/CutMix with soft-target CE or
@@ -7,7 +7,6 @@ best-EMA checkpoints, and the final weights exported in timm format.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import Any, Callable
@@ -20,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from convnextv2.encoder import create_convnextv2
-from fcmae.config import add_config_arguments, describe_config, load_config, to_dict
+from fcmae.config import to_dict
 from fcmae.data.build import SkipSampler
 from fcmae.data.labeled import build_splits, python_seeded
 from fcmae.engine import checkpoint as ckpt_io
@@ -33,7 +32,6 @@ from fcmae.export import FINETUNE_FORMAT, timm_config
 from fcmae.finetune_config import FinetuneConfig, check_image_size
 from fcmae.layer_decay import param_groups
 from fcmae.metrics import ClassificationMeter
-from fcmae.recipes import find_config
 
 FORMAT = FINETUNE_FORMAT  # header of finetune checkpoints (a timm state_dict under "model": every reader loads it)
 
@@ -302,24 +300,3 @@ def finetune(cfg: FinetuneConfig, on_loss: Callable[[int, torch.Tensor], torch.T
         return summary
     finally:
         cleanup_distributed()
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "finetune", help="fine-tune a (pretrained) ConvNeXt V2 classifier (resumes automatically)",
-        description="Fine-tune with the recipes of configs/finetune/<size>.yaml. Example: fcmae finetune --config "
-        "tiny model.init=runs/pretrain-tiny/last.pt data.path=/data/imagenet "
-        "output_dir=runs/ft-tiny (data.path holds train/ and val/ class folders; model.init=none trains from "
-        "scratch). Multi-GPU: torchrun --nproc_per_node=8 -m fcmae finetune ... (data.batch_size is GLOBAL).",
-    )
-    add_config_arguments(p, "YAML file, or a recipe: finetune/<size> or just <size> (atto ... huge, demo)",
-                         "model.init=last.pt data.path=/data", print_config=True)
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> None:
-    config = find_config(args.config, "finetune") if args.config is not None else None
-    if args.print_config:
-        print(describe_config(FinetuneConfig, config, args.overrides))
-        return
-    finetune(load_config(FinetuneConfig, config, args.overrides))

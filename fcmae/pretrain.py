@@ -1,18 +1,17 @@
-"""`fcmae pretrain --config FILE [key=value ...]`: FCMAE pretraining on a folder, ImageFolder, shards or the digits.
+"""FCMAE pretraining on a folder, ImageFolder, shards or the digits (the `fcmae pretrain` command:
+fcmae.commands.pretrain).
 
 The FCMAE-specific part of the engine (fcmae.engine.loop): the model, its param groups (no decay on the mask token),
 the per-micro-batch random mask and the reconstruction pictures.
 """
 from __future__ import annotations
 
-import argparse
 import os
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from fcmae.config import add_config_arguments, describe_config, load_config
 from fcmae.engine.config import check_global_batch
 from fcmae.engine.distributed import DistInfo, cleanup_distributed, init_distributed
 from fcmae.engine.loop import train
@@ -22,7 +21,6 @@ from fcmae.engine.seeds import derive_seed
 from fcmae.masking import random_mask
 from fcmae.model import FCMAE
 from fcmae.pretrain_config import PretrainConfig
-from fcmae.recipes import find_config
 
 
 def checkpoint_header(cfg: PretrainConfig) -> dict[str, Any]:
@@ -192,24 +190,3 @@ def pretrain(cfg: PretrainConfig, on_loss: Callable[[int, torch.Tensor], torch.T
         return train(cfg, task, info, on_loss=on_loss, resume=resume)
     finally:
         cleanup_distributed()
-
-
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
-        "pretrain", help="FCMAE pretraining (resumes automatically in the same output_dir)",
-        description="Pretrain a ConvNeXt V2 encoder with FCMAE. Example: fcmae pretrain --config tiny "
-        "(the recipe configs/pretrain/tiny.yaml) data.path=/data/train output_dir=runs/tiny. Multi-GPU: torchrun "
-        "--nproc_per_node=8 -m fcmae pretrain ... (data.batch_size is the GLOBAL batch). Start from released weights "
-        "with model.init=FILE (any format fcmae convert reads); rerunning resumes from output_dir/last.pt.",
-    )
-    add_config_arguments(p, "YAML file, or a recipe: pretrain/<size> or just <size> (atto ... huge, demo)",
-                         "optim.epochs=100 data.path=/data", print_config=True)
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> None:
-    config = find_config(args.config, "pretrain") if args.config is not None else None
-    if args.print_config:
-        print(describe_config(PretrainConfig, config, args.overrides))
-        return
-    pretrain(load_config(PretrainConfig, config, args.overrides))

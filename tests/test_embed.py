@@ -98,12 +98,12 @@ def test_embed_with_workers_equals_in_process(folder, encoder, tmp_path):
 
 def test_embed_errors_before_the_model_runs(folder, encoder, tmp_path, capsys, monkeypatch):
     _, ckpt = encoder
-    import fcmae.embed
+    import fcmae.commands.embed
 
     def never(*a, **k):
         raise AssertionError("the model ran")
 
-    monkeypatch.setattr(fcmae.embed, "embed_files", never)
+    monkeypatch.setattr(fcmae.commands.embed, "embed_files", never)
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
     (tmp_path / "afile").write_text("x")

@@ -1,0 +1,69 @@
+"""`fcmae visualize CKPT IMAGES... --out grid.png`: FCMAE reconstruction pictures (fcmae.visualize) of image files."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from fcmae.model import FCMAE
+from fcmae.visualize import save_grid
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "visualize", help="draw FCMAE reconstructions of images with a checkpoint",
+        description="One row per image: original | masked input (grey = masked) | prediction | prediction with the "
+        "visible patches pasted back. Predictions are un-normalised per patch when the model uses norm_pix_loss.",
+    )
+    p.add_argument("checkpoint", help="FCMAE checkpoint (a run's last.pt, or `fcmae convert --to fcmae` output)")
+    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("--out", default="grid.png", help="output picture, .png or .jpg (default grid.png; its folder is "
+                   "created)")
+    p.add_argument("--size", type=int, default=None, help="image side, a multiple of the checkpoint's patch size "
+                   "(default: the run's size, or 224)")
+    p.add_argument("--mask-ratio", type=float, default=None, help="default: the checkpoint's")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random mask")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> None:
+    from fcmae.data.decode import decode_image
+    from fcmae.data.transforms import default_stats, eval_transform
+    from fcmae.engine.checkpoint import load_checkpoint
+    from fcmae.masking import random_mask
+
+    out = Path(args.out)
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out {args.out}: name the picture with an image extension, e.g. {out.stem or 'grid'}.png")
+    ckpt = load_checkpoint(args.checkpoint)
+    if ckpt.get("format") != "fcmae" or "model_args" not in ckpt:
+        what = "a fine-tuned classifier" if ckpt.get("format") == "fcmae-finetune" else "not an FCMAE checkpoint"
+        raise ValueError(f"{args.checkpoint!r} is {what}; visualize draws reconstructions, which need the FCMAE "
+                         "decoder: give a pretraining checkpoint (a `fcmae pretrain` run's last.pt)")
+    margs = dict(ckpt["model_args"])
+    if args.mask_ratio is not None:
+        margs["mask_ratio"] = args.mask_ratio
+    data_cfg = ckpt.get("config", {}).get("data", {})
+    size = args.size or data_cfg.get("image_size", 224)
+    model = FCMAE(**margs)  # checkpoints from before model.patch_size have none: 32
+    model.load_state_dict(ckpt["model"])
+    if size % model.patch_size:
+        raise ValueError(f"--size {size} must be a multiple of {model.patch_size}, the checkpoint's patch size")
+    c = model.in_chans
+    d_mean, d_std = default_stats(c)
+    mean, std = data_cfg.get("mean") or d_mean, data_cfg.get("std") or d_std
+    tf = eval_transform(size, c, mean, std)
+    imgs = []
+    for path in args.images:
+        img = decode_image(path, c)
+        if img is None:
+            raise ValueError(f"cannot read image {path!r}")
+        imgs.append(tf(img))
+    x = torch.stack(imgs)
+    g = torch.Generator().manual_seed(args.seed)
+    mask = random_mask(len(x), (size // model.patch_size,) * 2, model.mask_ratio, generator=g)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_grid(model, x, mask, mean, std, str(out))
+    print(f"wrote {args.out} ({len(x)} rows: original | masked | prediction | prediction + visible)")
