@@ -151,6 +151,7 @@ def finetune(a, enc_sd, tr_x, tr_y, va_x, va_y, seed):
     total = spe * a.ft_epochs
     step = 0
     crit = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    curve = []
     for ep in range(a.ft_epochs):
         model.train()
         perm = torch.randperm(n, generator=g)
@@ -166,13 +167,19 @@ def finetune(a, enc_sd, tr_x, tr_y, va_x, va_y, seed):
             opt.step()
             ema.update(model, step=step)
             step += 1
-    res = {}
-    for name, m in (("top1", model), ("ema_top1", ema.module)):
-        m.eval()
-        with torch.no_grad():
-            pred = torch.cat([m(normalize(va_x[i:i + 250])).argmax(1) for i in range(0, len(va_x), 250)])
-        res[name] = (pred == va_y).float().mean().item() * 100
+        if a.ft_eval_every and (ep + 1) % a.ft_eval_every == 0 and ep + 1 < a.ft_epochs:
+            curve.append((ep + 1, top1(model, va_x, va_y)))
+    res = {"top1": top1(model, va_x, va_y), "ema_top1": top1(ema.module, va_x, va_y)}
+    if curve:
+        res["curve"] = curve
     return res
+
+
+@torch.no_grad()
+def top1(m, va_x, va_y):
+    m.eval()
+    pred = torch.cat([m(normalize(va_x[i:i + 250])).argmax(1) for i in range(0, len(va_x), 250)])
+    return (pred == va_y).float().mean().item() * 100
 
 
 def main():
@@ -198,6 +205,7 @@ def main():
     p.add_argument("--ft-warm", type=float, default=1.0)
     p.add_argument("--ft-min-scale", type=float, default=0.5)
     p.add_argument("--per-class", type=int, default=10)
+    p.add_argument("--ft-eval-every", type=int, default=0, help="also record top-1 every N fine-tune epochs")
     p.add_argument("--seeds", default="0")
     p.add_argument("--knn-every", type=int, default=5)
     p.add_argument("--no-scratch", action="store_true")
@@ -213,7 +221,7 @@ def main():
     vaset = set(va)
     pool_idx = [i for i in range(len(imgs)) if i not in vaset] if a.pt_pool == "nonval" else list(range(len(imgs)))
     va_x = eval_images(imgs[va], a.size)
-    tr_x, tr_y, va_y = imgs[tr], labels[tr], labels[va]
+    va_y = labels[va]
     # kNN reference set: the labels of every pretraining digit (a diagnostic; fine-tuning sees only per_class of them)
     knn_tr = [i for i in pool_idx if i not in vaset]
     knn_sets = (eval_images(imgs[knn_tr], a.size), labels[knn_tr], va_x, va_y)
@@ -232,8 +240,9 @@ def main():
                 k, v = kv.split("=")
                 setattr(b, k, type(getattr(a, k))(v))
             t1 = time.time()
-            pre = finetune(b, sd, tr_x, tr_y, va_x, va_y, seed)
-            scr = None if a.no_scratch else finetune(b, None, tr_x, tr_y, va_x, va_y, seed)
+            b_tr = digits_split(b.per_class, 500)[0] if b.per_class != a.per_class else tr
+            pre = finetune(b, sd, imgs[b_tr], labels[b_tr], va_x, va_y, seed)
+            scr = None if a.no_scratch else finetune(b, None, imgs[b_tr], labels[b_tr], va_x, va_y, seed)
             row = {"seed": seed, "var": var, "pre": pre, "scratch": scr, "knn": traj, "pt_loss": ploss,
                    "pt_time": pt_time, "ft_time": time.time() - t1}
             print("ROW", json.dumps(row), flush=True)
