@@ -217,7 +217,7 @@ def main():
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     imgs, labels = load_digits(a.size, in_chans=1)
-    tr, va = digits_split(a.per_class, 500)
+    va = digits_split(a.per_class, 500)[1]
     vaset = set(va)
     pool_idx = [i for i in range(len(imgs)) if i not in vaset] if a.pt_pool == "nonval" else list(range(len(imgs)))
     va_x = eval_images(imgs[va], a.size)
@@ -240,7 +240,7 @@ def main():
                 k, v = kv.split("=")
                 setattr(b, k, type(getattr(a, k))(v))
             t1 = time.time()
-            b_tr = digits_split(b.per_class, 500)[0] if b.per_class != a.per_class else tr
+            b_tr = digits_split(b.per_class, 500)[0]  # the labeled digits (a variant may change per_class)
             pre = finetune(b, sd, imgs[b_tr], labels[b_tr], va_x, va_y, seed)
             scr = None if a.no_scratch else finetune(b, None, imgs[b_tr], labels[b_tr], va_x, va_y, seed)
             row = {"seed": seed, "var": var, "pre": pre, "scratch": scr, "knn": traj, "pt_loss": ploss,
