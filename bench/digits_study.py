@@ -4,6 +4,7 @@ settings can be screened on a CPU. It uses the library's FCMAE, encoder builder 
 short loops and kNN; the figures that count come from the real commands (`fcmae demo`, bench/demo_seeds.py).
 
     PYTHONPATH=. python bench/digits_study.py --patch 16 --pt-epochs 20 --ft-variants "ft_epochs=10;ft_epochs=30"
+    PYTHONPATH=. python bench/digits_study.py --pt-epochs 15 --dec-dim 256 --lp --no-finetune   # pretraining screen
 
 The held-out digits (the fine-tuning val split) are left out of pretraining; the kNN uses the other digits' labels.
 """
@@ -88,7 +89,7 @@ def knn(trf, trl, vaf, val, k=20, T=0.07):
 def pretrain(a, imgs_pool, knn_sets):
     torch.manual_seed(a.seed)
     model = FCMAE("convnextv2_atto", in_chans=1, mask_ratio=a.mask_ratio, decoder_dim=a.dec_dim,
-                  decoder_depth=a.dec_depth, backend="packed", patch_size=a.patch)
+                  decoder_depth=a.dec_depth, backend="packed", patch_size=a.patch, norm_pix_loss=not a.no_norm_pix)
     assert model.patch_size == a.patch, model.patch_size
     opt = torch.optim.AdamW(param_groups(model, 0.05, no_decay_names=["decoder.mask_token"]), lr=a.pt_lr,
                             betas=(0.9, 0.95))
@@ -175,6 +176,22 @@ def finetune(a, enc_sd, tr_x, tr_y, va_x, va_y, seed):
     return res
 
 
+def linear_probe(a, enc_sd, imgs, labels, per_class, C=0.5):
+    """top-1 on the held-out digits of a logistic regression on the frozen, pooled, standardised features of
+    per_class labeled digits per class (a second diagnostic beside the kNN, with as few labels as fine-tuning)."""
+    from sklearn.linear_model import LogisticRegression
+
+    torch.manual_seed(0)
+    m = create_convnextv2("convnextv2_atto", patch_size=a.patch, num_classes=10, in_chans=1)
+    if enc_sd is not None:
+        m.load_state_dict(enc_sd, strict=False)
+    f = pooled(m, eval_images(imgs, a.size)).numpy()
+    f = (f - f.mean(0)) / (f.std(0) + 1e-6)
+    tr, va = digits_split(per_class, 500)
+    clf = LogisticRegression(C=C, max_iter=3000).fit(f[tr], labels[tr].numpy())
+    return clf.score(f[va], labels[va].numpy()) * 100
+
+
 @torch.no_grad()
 def top1(m, va_x, va_y):
     m.eval()
@@ -209,6 +226,10 @@ def main():
     p.add_argument("--seeds", default="0")
     p.add_argument("--knn-every", type=int, default=5)
     p.add_argument("--no-scratch", action="store_true")
+    p.add_argument("--no-finetune", action="store_true", help="pretraining (and its diagnostics) only")
+    p.add_argument("--no-norm-pix", action="store_true", help="pixel loss on raw (not per-patch normalised) targets")
+    p.add_argument("--lp", action="store_true",
+                   help="also a logistic-regression probe on 5 and 10 labels per class, random init and pretrained")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tag", default="")
     p.add_argument("--ft-variants", default="", help="';'-separated 'k=v,k=v' fine-tune overrides (attr names)")
@@ -234,6 +255,13 @@ def main():
             sd, traj, ploss, pt_time = pretrain(a, imgs[pool_idx], knn_sets)
         if a.save:
             torch.save(sd, a.save.format(seed=seed))
+        if a.lp:
+            lp = {f"{init} {pc}/class": round(linear_probe(a, w, imgs, labels, pc), 1)
+                  for init, w in (("random", None), ("pretrained", sd)) for pc in (5, 10)}
+            print("LP", json.dumps({"seed": seed, "lp": lp, "knn": traj, "pt_loss": ploss, "pt_time": pt_time}),
+                  flush=True)
+        if a.no_finetune:
+            continue
         for var in (a.ft_variants.split(";") if a.ft_variants else [""]):
             b = copy.copy(a)
             for kv in filter(None, var.split(",")):
