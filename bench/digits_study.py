@@ -176,20 +176,24 @@ def finetune(a, enc_sd, tr_x, tr_y, va_x, va_y, seed):
     return res
 
 
-def linear_probe(a, enc_sd, imgs, labels, per_class, C=0.5):
-    """top-1 on the held-out digits of a logistic regression on the frozen, pooled, standardised features of
-    per_class labeled digits per class (a second diagnostic beside the kNN, with as few labels as fine-tuning)."""
-    from sklearn.linear_model import LogisticRegression
-
+def standardised_features(a, enc_sd, imgs):
+    """(N, C) pooled features of every digit under an encoder (random init if enc_sd is None), standardised."""
     torch.manual_seed(0)
     m = create_convnextv2("convnextv2_atto", patch_size=a.patch, num_classes=10, in_chans=1)
     if enc_sd is not None:
         m.load_state_dict(enc_sd, strict=False)
     f = pooled(m, eval_images(imgs, a.size)).numpy()
-    f = (f - f.mean(0)) / (f.std(0) + 1e-6)
+    return (f - f.mean(0)) / (f.std(0) + 1e-6)
+
+
+def linear_probe(feats, labels, per_class, C=0.5):
+    """top-1 on the held-out digits of a logistic regression on the frozen features of per_class labeled digits per
+    class (a second diagnostic beside the kNN, with as few labels as fine-tuning)."""
+    from sklearn.linear_model import LogisticRegression
+
     tr, va = digits_split(per_class, 500)
-    clf = LogisticRegression(C=C, max_iter=3000).fit(f[tr], labels[tr].numpy())
-    return clf.score(f[va], labels[va].numpy()) * 100
+    clf = LogisticRegression(C=C, max_iter=3000).fit(feats[tr], labels[tr].numpy())
+    return clf.score(feats[va], labels[va].numpy()) * 100
 
 
 @torch.no_grad()
@@ -256,8 +260,9 @@ def main():
         if a.save:
             torch.save(sd, a.save.format(seed=seed))
         if a.lp:
-            lp = {f"{init} {pc}/class": round(linear_probe(a, w, imgs, labels, pc), 1)
-                  for init, w in (("random", None), ("pretrained", sd)) for pc in (5, 10)}
+            feats = {"random": standardised_features(a, None, imgs), "pretrained": standardised_features(a, sd, imgs)}
+            lp = {f"{init} {pc}/class": round(linear_probe(f, labels, pc), 1)
+                  for init, f in feats.items() for pc in (5, 10)}
             print("LP", json.dumps({"seed": seed, "lp": lp, "knn": traj, "pt_loss": ploss, "pt_time": pt_time}),
                   flush=True)
         if a.no_finetune:
