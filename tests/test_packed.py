@@ -7,6 +7,7 @@ import torch
 
 from conftest import assert_grads_match, randomize_grn, rel_err
 from convnextv2 import SparseEncoder, create_encoder
+from convnextv2.backends.packed import _TokenL2Norm, depthwise_conv
 from fcmae import FCMAE
 from fcmae.masking import random_mask
 
@@ -77,6 +78,63 @@ def test_bf16_autocast_forward_backward():
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(g.abs().sum() for g in grads) > 0
+
+
+@pytest.mark.parametrize("channels_last,bias,size", [(True, True, 16), (False, True, 9), (True, False, 8)])
+def test_depthwise_conv_grads_match_aten(channels_last, bias, size):
+    """The CPU depthwise conv's own backward (flipped-kernel conv, bias sum, aten weight grad) against autograd
+    through the nn.Conv2d module: output and the three gradients."""
+    conv = torch.nn.Conv2d(24, 24, 7, padding=3, groups=24, bias=bias)
+    x = torch.randn(3, 24, size, size)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    grad_out = torch.randn(3, 24, size, size)
+    results = []
+    for fn in (conv, lambda t: depthwise_conv(conv, t)):
+        xi = x.clone().requires_grad_(True)
+        conv.zero_grad(set_to_none=True)
+        out = fn(xi)
+        out.backward(grad_out)
+        results.append((out, xi.grad, conv.weight.grad, conv.bias.grad if bias else None))
+    (ref, *ref_grads), (ours, *our_grads) = results
+    assert rel_err(ours, ref) <= 1e-6
+    for g, g_ref in zip(our_grads, ref_grads):
+        assert (g is None) == (g_ref is None)
+        if g is not None:
+            assert rel_err(g, g_ref) <= 1e-5
+
+
+def test_depthwise_conv_bf16_autocast_dtypes():
+    """Under CPU autocast the gradients come back in the dtypes of the inputs they belong to, close to fp32's."""
+    conv = torch.nn.Conv2d(16, 16, 7, padding=3, groups=16)
+    x = torch.randn(2, 16, 8, 8).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = depthwise_conv(conv, x)
+    assert out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert x.grad.dtype == conv.weight.grad.dtype == conv.bias.grad.dtype == torch.float32
+    w_ref = torch.ops.aten.convolution_backward(torch.ones(2, 16, 8, 8), x.detach(), conv.weight.detach(), None, [1, 1],
+                                                [3, 3], [1, 1], False, [0, 0], 16, [False, True, False])[1]
+    assert rel_err(conv.weight.grad, w_ref) <= 2e-2
+    assert torch.equal(conv.bias.grad, torch.full((16,), 128.0))  # 2 * 8 * 8 ones, exact in any dtype
+
+
+def test_token_l2_norm_matches_torch_norm():
+    """GRN's token-axis norm: value and gradient equal x.norm's, including a channel that is all zeros (gradient 0)."""
+    x = torch.randn(2, 50, 12)
+    x[1, :, 3] = 0
+    weight = torch.randn(2, 1, 12)
+    grads = []
+    for norm in (lambda t: t.norm(p=2, dim=1, keepdim=True), _TokenL2Norm.apply):
+        xi = x.clone().requires_grad_(True)
+        out = norm(xi)
+        (out * weight).sum().backward()
+        grads.append((out, xi.grad))
+    (ref, ref_grad), (ours, our_grad) = grads
+    assert ours.shape == (2, 1, 12) and ours[1, 0, 3] == 0
+    assert rel_err(ours, ref) <= 1e-6
+    assert rel_err(our_grad, ref_grad) <= 1e-6
+    assert our_grad[1, :, 3].abs().max() == 0
 
 
 def test_nothing_visible_gives_zeros():

@@ -85,6 +85,50 @@ class _Gather(torch.autograd.Function):
         return grad.new_zeros(ctx.size, grad.shape[1]).index_copy_(0, index, grad.contiguous()), None
 
 
+class _DepthwiseConv(torch.autograd.Function):
+    """A depthwise conv (stride 1, dilation 1, 'same' zero padding) with a cheaper backward on CPU.
+
+    There aten's depthwise backward costs ~20x the forward, and asking it for the weight gradient alone roughly halves
+    that; the input gradient is the forward conv with the kernel flipped, the bias gradient a plain sum
+    (bench/cpu_ops.py times both against aten).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, padding: int) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.has_bias = padding, bias is not None
+        return F.conv2d(x, weight, bias, padding=padding, groups=x.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        c, p = x.shape[1], ctx.padding
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        w = weight.to(grad.dtype)  # under autocast the forward ran in grad's dtype
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = F.conv2d(grad, w.flip(2, 3), padding=p, groups=c).to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.ops.aten.convolution_backward(
+                grad, x.to(grad.dtype), w, None, [1, 1], [p, p], [1, 1], False, [0, 0], c, [False, True, False]
+            )[1].to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.permute(0, 2, 3, 1).reshape(-1, c).sum(0, dtype=torch.float32).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None
+
+
+def depthwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """timm's conv_dw on x (N, C, H, W): `_DepthwiseConv` on CPU, the module itself elsewhere (cuDNN's backward is
+    not the slow one)."""
+    k = conv.kernel_size[0]
+    plain = (conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == conv.in_channels == conv.out_channels
+             and conv.kernel_size == (k, k) and conv.padding == (k // 2, k // 2) and k % 2 == 1
+             and conv.padding_mode == "zeros")
+    if x.device.type != "cpu" or not plain or not torch.is_grad_enabled():
+        return conv(x)
+    return _DepthwiseConv.apply(x, conv.weight, conv.bias, k // 2)
+
+
 def to_grid(tokens: torch.Tensor, index: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     """tokens (N, T, C) -> (N, C, H_s, W_s) zero-filled grid (channels_last memory), shape = (N, H_s, W_s)."""
     n, hs, ws = shape
@@ -121,9 +165,35 @@ def patch_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight, conv.bias)
 
 
+class _TokenL2Norm(torch.autograd.Function):
+    """x (N, T, C) -> (N, 1, C), the L2 norm over the token axis; fp32 for a bf16 / fp16 x, as autocast runs x.norm.
+
+    The same number as `x.norm(p=2, dim=1, keepdim=True)`, several times faster forward and backward on CPU, where
+    `linalg_vector_norm`'s reduction over a middle axis is slow (bench/cpu_ops.py). Backward: x * grad / norm (0
+    where the norm is 0, as torch's).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        low = x.dtype in (torch.bfloat16, torch.float16)
+        norm = (x * x).sum(1, keepdim=True, dtype=torch.float32 if low else None).sqrt_()
+        ctx.save_for_backward(x, norm)
+        return norm
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        x, norm = ctx.saved_tensors
+        return x * torch.where(norm > 0, grad / norm, 0).to(x.dtype)
+
+
+def token_l2_norm(x: torch.Tensor) -> torch.Tensor:
+    """x (N, T, C) -> (N, 1, C), the L2 norm over tokens: `_TokenL2Norm` on CPU, x.norm elsewhere (not slow there)."""
+    return _TokenL2Norm.apply(x) if x.device.type == "cpu" else x.norm(p=2, dim=1, keepdim=True)
+
+
 def grn(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """timm GlobalResponseNorm on tokens x (N, T, C): the L2 norm per sample and channel over the T visible tokens."""
-    gx = x.norm(p=2, dim=1, keepdim=True)
+    gx = token_l2_norm(x)
     nx = gx / (gx.mean(dim=-1, keepdim=True) + layer.eps)
     # x + bias + weight * (x * nx) with a single full-size op: the (N, 1, C) factor is cheap to build. Under autocast
     # the norm is fp32; casting the small factors keeps the big output in x's dtype (fc2 would cast it anyway).
@@ -133,7 +203,7 @@ def grn(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def packed_block(block: ConvNeXtBlock, x: torch.Tensor, index: torch.Tensor, shape: tuple[int, int, int]) -> torch.Tensor:
     """One ConvNeXt V2 block on tokens x (N, T, C); `index`, `shape`: where they sit in the (N, H_s, W_s) grid."""
     shortcut = x
-    x = from_grid(block.conv_dw(to_grid(x, index, shape)), index)
+    x = from_grid(depthwise_conv(block.conv_dw, to_grid(x, index, shape)), index)
     x = layer_norm(block.norm, x)
     mlp = block.mlp
     x = mlp.drop1(mlp.act(linear(mlp.fc1, x)))
