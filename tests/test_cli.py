@@ -36,6 +36,34 @@ def test_bench_help_shows_every_default():
             assert f"(default: {default})" in text, action.option_strings
 
 
+def demo_args(*argv: str):
+    from fcmae.cli import build_parser
+
+    return build_parser().parse_args(["demo", *argv])
+
+
+def test_demo_full_recipe(tmp_path):
+    """--full is the study's recipe that pays (BENCHMARKS.md): 120 FCMAE epochs at batch 32, then 5 labels per class
+    at twice the demo's fine-tuning lr, the same for both arms; an explicit --pretrain-epochs still wins."""
+    from fcmae.commands.demo import demo_configs
+
+    pre, ft, scratch = demo_configs(demo_args("--full", "--seed", "2"), str(tmp_path))
+    default_pre, default_ft, _ = demo_configs(demo_args(), str(tmp_path))
+    assert (pre.optim.epochs, pre.data.batch_size, pre.optim.blr, pre.seed) == (120, 32, 1.2e-2, 2)
+    assert (ft.data.digits_per_class, ft.data.batch_size, ft.optim.blr) == (5, 25, 2 * default_ft.optim.blr)
+    assert ft.optim.epochs == default_ft.optim.epochs and pre.model == default_pre.model
+    assert ft.output_dir != scratch.output_dir
+    scratch.output_dir = ft.output_dir
+    assert scratch == ft  # same recipe, seed and labeled subset; only the init (set by the demo) will differ
+    assert demo_configs(demo_args("--full", "--pretrain-epochs", "7"), str(tmp_path))[0].optim.epochs == 7
+
+
+def test_demo_quick_and_full_exclude_each_other():
+    done = subprocess.run([sys.executable, "-m", "fcmae", "demo", "--quick", "--full"], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert "argument --full: not allowed with argument --quick" in done.stderr
+
+
 def test_demo_quick_prints_table(tmp_path):
     """The whole demo story in its reduced mode: pretrain, convert, fine-tune twice, the comparison table."""
     out = subprocess.run(

@@ -18,6 +18,11 @@ DIGITS = 1797  # scikit-learn's digits
 QUICK_PRETRAIN = ["optim.epochs=1", "data.num_samples=128", "data.batch_size=32", "log.vis_every_epochs=1",
                   "monitor.data.digits_per_class=4", "monitor.data.digits_val=100"]
 QUICK_FINETUNE = ["optim.epochs=2", "data.digits_per_class=4", "data.digits_val=100", "data.batch_size=20"]
+# --full: the digits study's recipe that pays (BENCHMARKS.md, issue 12): 120 FCMAE epochs at batch 32, then fine-tuning
+# on 5 labeled digits per class with twice the demo's lr, which suits a well-pretrained start (both arms alike)
+FULL_PRETRAIN = ["optim.epochs=120", "data.batch_size=32", "optim.blr=1.2e-2", "monitor.every_epochs=20",
+                 "log.vis_every_epochs=40"]
+FULL_FINETUNE = ["data.digits_per_class=5", "data.batch_size=25", "optim.blr=1.6e-2"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -31,38 +36,48 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--pretrain-epochs", type=int, default=None, help="FCMAE epochs (default: demo.yaml's)")
     p.add_argument("--finetune-epochs", type=int, default=None, help="fine-tune epochs (default: demo.yaml's)")
-    p.add_argument("--quick", action="store_true", help="a reduced run (1 FCMAE epoch on 128 images, 2 fine-tune epochs on 40 labeled, 100 val)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--quick", action="store_true", help="a reduced run (1 FCMAE epoch on 128 images, 2 fine-tune epochs on 40 labeled, 100 val)")
+    length.add_argument("--full", action="store_true",
+                   help="the recipe that shows the gain (~25 min on 2 CPU cores): 120 FCMAE epochs at batch 32, then "
+                   "fine-tuning on 5 labeled digits per class at twice the demo's lr")
     p.add_argument("--backend", default=None, help="sparse backend for pretraining (default: demo.yaml's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="run directory (default: a new runs/demo/<time>)")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> dict:
-    from convnextv2.checkpoint import read_encoder, write_timm
+def demo_configs(args: argparse.Namespace, out: str) -> tuple:
+    """The pretraining config and the two fine-tuning configs (FCMAE start, scratch) of a demo in `out`: the demo
+    recipes with --quick / --full and the explicit options applied; the two fine-tunings differ only in output_dir."""
     from fcmae.config import load_config
-    from fcmae.finetune import finetune
     from fcmae.finetune_config import FinetuneConfig
-    from fcmae.pretrain import pretrain
     from fcmae.pretrain_config import PretrainConfig
-
     from fcmae.recipes import find_config
 
-    pretrain_recipe, finetune_recipe = find_config("pretrain/demo"), find_config("finetune/demo")
-    out = args.out or os.path.join("runs", "demo", time.strftime("%Y%m%d-%H%M%S"))
     common = [f"seed={args.seed}", "log.progress=false"]
-    pre = common + (QUICK_PRETRAIN if args.quick else [])
+    pre = common + (QUICK_PRETRAIN if args.quick else FULL_PRETRAIN if args.full else [])
     if args.pretrain_epochs is not None:
         pre.append(f"optim.epochs={args.pretrain_epochs}")
     if args.backend is not None:
         pre.append(f"model.backend={args.backend}")
-    ft = common + (QUICK_FINETUNE if args.quick else [])
+    ft = common + (QUICK_FINETUNE if args.quick else FULL_FINETUNE if args.full else [])
     if args.finetune_epochs is not None:
         ft.append(f"optim.epochs={args.finetune_epochs}")
-    pre_cfg = load_config(PretrainConfig, pretrain_recipe, pre + [f"output_dir={os.path.join(out, 'pretrain')}"])
-    ft_cfg = load_config(FinetuneConfig, finetune_recipe, ft + [f"output_dir={os.path.join(out, 'finetune-fcmae')}"])
-    scratch_cfg = load_config(FinetuneConfig, finetune_recipe,
-                              ft + [f"output_dir={os.path.join(out, 'finetune-scratch')}"])
+    pre_cfg = load_config(PretrainConfig, find_config("pretrain/demo"),
+                          pre + [f"output_dir={os.path.join(out, 'pretrain')}"])
+    ft_cfgs = [load_config(FinetuneConfig, find_config("finetune/demo"), ft + [f"output_dir={os.path.join(out, d)}"])
+               for d in ("finetune-fcmae", "finetune-scratch")]
+    return pre_cfg, *ft_cfgs
+
+
+def run(args: argparse.Namespace) -> dict:
+    from convnextv2.checkpoint import read_encoder, write_timm
+    from fcmae.finetune import finetune
+    from fcmae.pretrain import pretrain
+
+    out = args.out or os.path.join("runs", "demo", time.strftime("%Y%m%d-%H%M%S"))
+    pre_cfg, ft_cfg, scratch_cfg = demo_configs(args, out)
 
     t0 = time.time()
     held = pre_cfg.data.digits_holdout
