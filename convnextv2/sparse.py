@@ -25,10 +25,17 @@ def check_sparse_inputs(encoder: nn.Module, x: torch.Tensor, mask: torch.Tensor)
         )
 
 
-def sparse_forward(encoder: nn.Module, x: torch.Tensor, mask: torch.Tensor, backend: str = "masked") -> torch.Tensor:
-    """x (N, in_chans, H, W), mask (N, H/p, W/p) 1 = masked -> (N, C_last, H/p, W/p), zero at masked positions."""
+def sparse_forward(encoder: nn.Module, x: torch.Tensor, mask: torch.Tensor, backend: str = "masked",
+                   visible: torch.Tensor | None = None) -> torch.Tensor:
+    """x (N, in_chans, H, W), mask (N, H/p, W/p) 1 = masked -> (N, C_last, H/p, W/p), zero at masked positions.
+
+    visible: the mask's visible patch indices (N, V) (`convnextv2.visible_patches(mask)`, on x's device), when the
+    caller has them: the `packed` backend then needs no host sync. They must describe `mask`; nothing checks it here.
+    """
     check_sparse_inputs(encoder, x, mask)
-    return get_backend(backend)(encoder, x, mask)
+    if visible is not None and (visible.ndim != 2 or visible.shape[0] != x.shape[0]):
+        raise ValueError(f"visible has shape {tuple(visible.shape)}, expected (N, V) with N = {x.shape[0]}")
+    return get_backend(backend)(encoder, x, mask, visible)
 
 
 class SparseEncoder(nn.Module):
@@ -48,8 +55,8 @@ class SparseEncoder(nn.Module):
         self.backend = backend
         self.patch_size = encoder_patch_size(encoder)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return sparse_forward(self.encoder, x, mask, self.backend)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor, visible: torch.Tensor | None = None) -> torch.Tensor:
+        return sparse_forward(self.encoder, x, mask, self.backend, visible)
 
     def extra_repr(self) -> str:
         return f"backend={self.backend!r}, patch_size={self.patch_size}"

@@ -48,9 +48,11 @@ class FCMAEDecoder(nn.Module):
 class FCMAE(nn.Module):
     """Fully convolutional masked autoencoder around a timm ConvNeXt V2 (`self.encoder` is the timm model).
 
-    forward(imgs, mask=None) -> (loss, pred, mask)
+    forward(imgs, mask=None, visible=None) -> (loss, pred, mask)
         imgs (N, in_chans, H, W), normalised, H and W multiples of the patch size p (`patch_size`: 32, 16 or 8)
         mask (N, H/p, W/p), 1 = masked; drawn per SPEC §2 when None
+        visible (N, V) long, `convnextv2.visible_patches(mask)` on imgs' device, or None (the backend computes them:
+            a host sync on a GPU; the training loop draws masks on the CPU and passes both)
         loss scalar: per-patch MSE (on normalised pixels if norm_pix_loss) averaged over masked patches only
         pred (N, L, p*p*in_chans), the `patchify` layout, L = (H/p)*(W/p)
     """
@@ -106,10 +108,10 @@ class FCMAE(nn.Module):
         return (per_patch * m).sum() / m.sum()
 
     def forward(
-        self, imgs: torch.Tensor, mask: torch.Tensor | None = None
+        self, imgs: torch.Tensor, mask: torch.Tensor | None = None, visible: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if mask is None:
-            mask = self.random_mask(imgs)
-        features = sparse_forward(self.encoder, imgs, mask, self.backend)
+            mask, visible = self.random_mask(imgs), None
+        features = sparse_forward(self.encoder, imgs, mask, self.backend, visible)
         pred = rearrange(self.decoder(features, mask), "n d h w -> n (h w) d")
         return self.loss(imgs, pred, mask), pred, mask

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import assert_grads_match, randomize_grn, rel_err
-from convnextv2 import SparseEncoder, create_encoder
+from convnextv2 import SparseEncoder, create_encoder, visible_patches
 from convnextv2.backends.packed import _TokenL2Norm, depthwise_conv
 from fcmae import FCMAE
 from fcmae.masking import random_mask
@@ -158,7 +158,9 @@ def test_unequal_visible_counts_raise():
 ])
 def test_compiled_train_step_matches_eager(device, monkeypatch):
     """torch.compile of the packed FCMAE forward, inside a whole train step (backward, AdamW), gives eager's losses and
-    weights over several steps with new masks (so the graph must not bake in one mask)."""
+    weights over several steps with new masks (so the graph must not bake in one mask). Given the visible patch
+    indices (as the training loop passes them), it compiles as one graph (`fullgraph=True`): no graph break, i.e. no
+    `.item()`, `.tolist()` or data-dependent shape, so no host sync inside the step."""
     if device == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
         pytest.skip("torch.compile on CPU needs a C++ compiler (apt-get install g++)")
     if device == "cuda":
@@ -166,14 +168,15 @@ def test_compiled_train_step_matches_eager(device, monkeypatch):
         monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     eager = randomize_grn(FCMAE("convnextv2_atto", decoder_dim=32, decoder_depth=1)).to(device)
     compiled = copy.deepcopy(eager)
-    compiled.forward = torch.compile(compiled.forward)
+    compiled.forward = torch.compile(compiled.forward, fullgraph=True)
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (eager, compiled)]
     imgs = torch.randn(2, 3, 64, 96, device=device)
     for _ in range(3):
         mask = eager.random_mask(imgs)
+        visible = visible_patches(mask)
         losses = []
         for model, opt in zip((eager, compiled), opts):
-            loss, _, _ = model(imgs, mask)
+            loss, _, _ = model(imgs, mask, visible)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

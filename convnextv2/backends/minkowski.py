@@ -133,7 +133,8 @@ def _downsample(ME: ModuleType, downsample: nn.Sequential, x):
 
 
 @register_backend("minkowski")
-def minkowski_forward(encoder: ConvNeXt, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def minkowski_forward(encoder: ConvNeXt, x: torch.Tensor, mask: torch.Tensor, visible: torch.Tensor | None = None
+                      ) -> torch.Tensor:
     """x (N, in_chans, H, W), mask (N, H/p, W/p) 1 = masked -> (N, C_last, H/p, W/p) fp32, zero at masked positions."""
     keep = mask == 0  # (N, h, w)
     if not bool(keep.any()):

@@ -25,7 +25,9 @@ from convnextv2.backends import register_backend
 def visible_patches(mask: torch.Tensor) -> torch.Tensor:
     """mask (N, h, w), 1 = masked, 0 = visible -> (N, V) long, the visible patch indices (row-major) in order.
 
-    ValueError unless the mask is binary and every sample has the same number V of visible patches.
+    ValueError unless the mask is binary and every sample has the same number V of visible patches. The checks and
+    the data-dependent V read the mask on the host: call it where the mask is drawn (on the CPU) and pass the result
+    to the backend, so that a GPU step never waits for it.
     """
     flat = mask.flatten(1)
     visible = flat == 0
@@ -214,12 +216,16 @@ def packed_block(block: ConvNeXtBlock, x: torch.Tensor, index: torch.Tensor, sha
 
 
 @register_backend("packed")
-def packed_forward(encoder: ConvNeXt, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """x (N, in_chans, H, W), mask (N, H/p, W/p) 1 = masked -> (N, C_last, H/p, W/p), zero at masked patches."""
+def packed_forward(encoder: ConvNeXt, x: torch.Tensor, mask: torch.Tensor, visible: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """x (N, in_chans, H, W), mask (N, H/p, W/p) 1 = masked -> (N, C_last, H/p, W/p), zero at masked patches.
+
+    visible (N, V): `visible_patches(mask)` on x's device, computed by the caller (no host sync here), or None.
+    """
     n, c_in, height, _ = x.shape
     h, w = mask.shape[-2:]
     p = height // h
-    vis = visible_patches(mask)  # (N, V)
+    vis = visible_patches(mask) if visible is None else visible  # (N, V)
     v = vis.shape[1]
     if v == 0:  # nothing visible: the sparse output is all zeros, as with `masked`
         return x.new_zeros(n, encoder.num_features, h, w)
