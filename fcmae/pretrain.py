@@ -12,6 +12,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from convnextv2 import visible_patches
+from fcmae.data.device import to_device_async
 from fcmae.engine.config import check_global_batch
 from fcmae.engine.distributed import DistInfo, cleanup_distributed, init_distributed
 from fcmae.engine.loop import train
@@ -98,19 +100,24 @@ class PretrainTask:
     def batches(self, epoch: int, skip_micro: int):
         return self.data.batches(epoch, skip_micro)
 
-    def mask(self, epoch: int, micro: int) -> torch.Tensor:
-        """This process's rows of the global micro-batch's mask, drawn from (seed, epoch, micro): (b, h, w).
+    def mask(self, epoch: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This process's rows of the global micro-batch's mask, drawn on the CPU from (seed, epoch, micro):
+        mask (b, h, w) and its visible patch indices (b, V), both on the CPU.
 
         Rows rank::W match the DistributedSampler's interleaving, so every sample gets the same mask whatever
-        the number of processes.
+        the number of processes. The indices (and the mask's invariants) are computed here, on the host, so that the
+        step on the GPU never waits for them.
         """
         g = torch.Generator().manual_seed(derive_seed(self.cfg.seed, epoch, micro))
         full = random_mask(self.micro_batch * self.info.world_size, self.grid, self.model.mask_ratio, generator=g)
-        return full[self.info.rank::self.info.world_size]
+        mask = full[self.info.rank::self.info.world_size]
+        return mask, visible_patches(mask)
 
     def loss(self, model: nn.Module, batch: Any, epoch: int, micro: int) -> torch.Tensor:
-        imgs = self.data.to_device(batch[0], self.info.device, self.cfg.channels_last)  # uint8 -> normalised
-        loss, _, _ = model(imgs, self.mask(epoch, micro).to(self.info.device))
+        device = self.info.device
+        imgs = self.data.to_device(batch[0], device, self.cfg.channels_last)  # uint8 -> normalised
+        mask, visible = (to_device_async(t, device) for t in self.mask(epoch, micro))
+        loss, _, _ = model(imgs, mask, visible)
         return loss
 
     def skipped(self, batch: Any) -> int:

@@ -72,3 +72,43 @@ def test_bf16_autocast_train_step_on_cuda():
     assert abs(results["packed"] - loss_fp32.item()) <= 0.05 * loss_fp32.item()
     assert abs(results["packed"] - results["masked"]) <= 0.05 * results["masked"]
 
+
+
+def test_pretraining_steps_do_not_wait_for_the_gpu(tmp_path):
+    """Real pretraining steps (the loop's own `accumulate` and `optimizer_step`: loader batch, normalisation, mask and
+    visible indices from the host, packed forward/backward under bf16 autocast, fused AdamW with its on-device skip)
+    under torch.cuda.set_sync_debug_mode("error"): any host sync inside a step raises."""
+    from fcmae.config import load_config
+    from fcmae.engine.distributed import DistInfo
+    from fcmae.engine.loop import accumulate, optimizer_step
+    from fcmae.engine.optim import build_adamw, skips_on_device
+    from fcmae.pretrain import PretrainTask
+    from fcmae.pretrain_config import PretrainConfig
+    from imagegen import make_imagefolder
+
+    make_imagefolder(str(tmp_path / "data"), classes=1, per_class=32, size=96)
+    cfg = load_config(PretrainConfig, None, [
+        "device=cuda", f"data.path={tmp_path / 'data'}", f"output_dir={tmp_path / 'run'}", "model.decoder_dim=64",
+        "data.image_size=64", "data.batch_size=8", "data.num_workers=0", "model.patch_size=16"])
+    info = DistInfo(device=torch.device("cuda", torch.cuda.current_device()))
+    task = PretrainTask(cfg, info)
+    model = task.model.to(info.device)
+    optimizer = build_adamw(task.param_groups(0.05), 1e-3, (0.9, 0.95), info.device)
+    assert skips_on_device(optimizer)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    batches = iter(task.batches(0, 0))
+
+    def step(i: int) -> torch.Tensor:
+        stats, _ = accumulate(task, model, model, batches, scaler, torch.bfloat16, info, 1, 0, i, i, None)
+        optimizer_step(optimizer, scaler, model, stats, None, skip_on_device=True)
+        return stats
+
+    step(0)  # the first step makes the normalisation constants and cuDNN's plans
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = [step(i) for i in (1, 2, 3)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    losses = torch.stack(stats)[:, 0].tolist()
+    assert all(0 < x < 10 for x in losses), losses

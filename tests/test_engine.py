@@ -1,7 +1,17 @@
-"""Engine pieces: weight-decay groups and the warmup + cosine schedule (SPEC §2 formulas)."""
+"""Engine pieces: weight-decay groups, the AdamW kernels and the warmup + cosine schedule (SPEC §2 formulas)."""
+import json
 import math
+import time
 
-from fcmae.engine.optim import build_adamw, cosine_lr, param_groups, scaled_lr
+import pytest
+import torch
+
+from fcmae.engine.config import LogConfig, OptimConfig, RunConfig
+from fcmae.engine.distributed import DistInfo
+from fcmae.engine.loop import train
+
+from fcmae.engine.optim import (build_adamw, cosine_lr, load_optimizer_state, param_groups, scaled_lr, set_lr,
+                                skips_on_device)
 from fcmae.model import FCMAE
 
 
@@ -29,3 +39,93 @@ def test_lr_schedule():
     mid = warm + (total - warm) // 2
     assert math.isclose(cosine_lr(mid, total, warm, base, 1e-6), 1e-6 + (base - 1e-6) * 0.5 * (1 + math.cos(math.pi * 0.5)))
     assert math.isclose(cosine_lr(total, total, warm, base, 1e-6), 1e-6)
+
+
+def _trained(opt_factory, steps=4):
+    """A small model after `steps` AdamW steps (two groups: decayed and not, one with an lr scale) on fixed data."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+    groups = param_groups(model, 0.05, lr_scales={"2.weight": 0.5})
+    opt = opt_factory(groups)
+    g = torch.Generator().manual_seed(1)
+    for step in range(steps):
+        set_lr(opt, 1e-2 * (step + 1) / steps)
+        opt.zero_grad()
+        model(torch.randn(8, 16, generator=g)).pow(2).mean().backward()
+        opt.step()
+    return model, opt
+
+
+def test_adamw_kernels_give_todays_update():
+    """build_adamw: foreach on the CPU (bitwise torch's per-tensor default, so CPU runs keep their numbers), fused on
+    CUDA; the fused kernel's update equals it to float rounding."""
+    plain, _ = _trained(lambda g: torch.optim.AdamW([{k: v for k, v in x.items() if k != "param_names"} for x in g],
+                                                    lr=1e-3, betas=(0.9, 0.95), foreach=False))
+    ours, opt = _trained(lambda g: build_adamw(g, 1e-3, (0.9, 0.95), torch.device("cpu")))
+    fused, fused_opt = _trained(lambda g: build_adamw(g, 1e-3, (0.9, 0.95), torch.device("cuda")))  # CPU params
+    assert opt.param_groups[0]["foreach"] and not opt.param_groups[0]["fused"] and not skips_on_device(opt)
+    assert fused_opt.param_groups[0]["fused"] and skips_on_device(fused_opt)
+    for p, q, f in zip(plain.parameters(), ours.parameters(), fused.parameters()):
+        assert torch.equal(p, q)
+        torch.testing.assert_close(f, p, rtol=1e-6, atol=1e-7)
+
+
+def test_fused_adamw_skips_a_step_on_the_device_and_loading_keeps_the_kernel():
+    model, opt = _trained(lambda g: build_adamw(g, 1e-3, (0.9, 0.95), torch.device("cuda")))
+    before = [p.detach().clone() for p in model.parameters()]
+    state = {k: v.clone() for k, v in opt.state[next(model.parameters())].items()}
+    model(torch.randn(8, 16)).pow(2).mean().backward()
+    opt.found_inf = torch.ones(())  # what the loop sets for a step whose loss is not finite
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    after = opt.state[next(model.parameters())]
+    assert all(torch.equal(after[k], v) for k, v in state.items())  # step count and moments untouched
+    # a state_dict written by the foreach kernel (a CPU run) does not switch a CUDA run's optimizer off fused
+    _, cpu_opt = _trained(lambda g: build_adamw(g, 1e-3, (0.9, 0.95), torch.device("cpu")))
+    load_optimizer_state(opt, cpu_opt.state_dict())
+    assert skips_on_device(opt)
+
+
+class SlowLoaderTask:
+    """A minimal `Task`: a linear model on random batches; its loader sleeps `delay` s before each micro-batch."""
+
+    def __init__(self, delay: float, steps_per_epoch: int = 4):
+        torch.manual_seed(0)
+        self.model = torch.nn.Linear(8, 1)
+        self.global_batch, self.steps_per_epoch, self.delay = 4, steps_per_epoch, delay
+
+    def param_groups(self, weight_decay):
+        return param_groups(self.model, weight_decay)
+
+    def batches(self, epoch, skip_micro):
+        for _ in range(self.steps_per_epoch - skip_micro):
+            time.sleep(self.delay)
+            yield torch.randn(4, 8)
+
+    def loss(self, model, batch, epoch, micro):
+        time.sleep(0.02)  # the step's own work
+        return model(batch).pow(2).mean()
+
+    def skipped(self, batch):
+        return 0
+
+    def checkpoint_header(self):
+        return {"format": "test", "version": 1, "model_args": {}}
+
+    def end_of_epoch(self, epoch, last):
+        return {}
+
+
+@pytest.mark.parametrize("delay,low,high", [(0.0, 0.0, 0.2), (0.1, 0.6, 1.0)])
+def test_data_wait_share(tmp_path, capsys, delay, low, high):
+    """The share of step time spent waiting for the loader, in step rows, epoch rows and the epoch line: near 0 when
+    the loader keeps up, most of it when the loader is slow (0.1 s per batch against a 0.02 s step)."""
+    cfg = RunConfig(output_dir=str(tmp_path), device="cpu", optim=OptimConfig(epochs=1, warmup_epochs=0, lr=1e-3),
+                    log=LogConfig(every_steps=2, progress=False, tensorboard=False))
+    train(cfg, SlowLoaderTask(delay), DistInfo())
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    shares = [r["data_wait"] for r in rows]
+    assert [r["kind"] for r in rows] == ["step", "step", "epoch"]
+    assert all(low <= s <= high for s in shares), shares
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch 1/1"))
+    assert f"data wait {100 * shares[-1]:.0f}%" in line

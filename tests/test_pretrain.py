@@ -1,5 +1,6 @@
 """`fcmae pretrain` end to end on CPU: outputs, falling loss, exact resume, crash safety, NaN stop, DDP equivalence."""
 import json
+import math
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from fcmae.cli import main
 from fcmae.config import load_config
 from fcmae.data.write_shards import write_shards
 from fcmae.engine.loop import NonFiniteLossError
+from fcmae.engine.optim import build_adamw
 from fcmae.pretrain import pretrain
 from fcmae.pretrain_config import PretrainConfig
 from imagegen import make_imagefolder, write_broken, write_odd
@@ -134,6 +136,34 @@ def test_nan_loss_stops_and_keeps_last_good(tmp_path, folder):
         pretrain(config(out, folder), on_loss=lambda step, loss: loss * float("nan") if step == 2 else loss)
     ckpt = load_state(os.path.join(out, "last.pt"))
     assert ckpt["step"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_fused_optimizer_reads_the_loss_only_at_sync_points(tmp_path, folder, monkeypatch):
+    """With an optimizer that skips a non-finite step on the device (fused AdamW, as on CUDA), the loop reads the loss
+    only at log rows, checkpoints and epoch ends; a NaN loss at step 1 leaves the weights alone (step 2's loss is
+    finite) and stops the run at the next sync point, naming step 1, with no checkpoint written after it."""
+    import fcmae.engine.loop as loop
+
+    monkeypatch.setattr(loop, "build_adamw", lambda g, lr, betas, device: build_adamw(g, lr, betas, torch.device("cuda")))
+    reads, real_read = [], loop.StepLog.read
+    monkeypatch.setattr(loop.StepLog, "read", lambda self: reads.append(len(self.pending)) or real_read(self))
+    losses = {}
+
+    def nan_at_step_1(step, loss):
+        losses[step] = loss.item()
+        return loss * float("nan") if step == 1 else loss
+
+    out = str(tmp_path / "run")
+    args = ("log.every_steps=3", "checkpoint.every_steps=100", "checkpoint.keep_every_epochs=0")
+    with pytest.raises(NonFiniteLossError, match="loss is nan at epoch 1, step 1.*no checkpoint"):
+        pretrain(config(out, folder, *args), on_loss=nan_at_step_1)
+    assert reads == [3] and sorted(losses) == [0, 1, 2] and all(map(math.isfinite, losses.values()))
+    assert not os.path.exists(os.path.join(out, "last.pt"))
+    pretrain(config(out, folder, *args))  # without the NaN: one read of 3 steps per epoch (log row = epoch end)
+    assert reads == [3, 3, 3]
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows if r["kind"] == "step"] == [3, 6]
+    assert all(0 <= r["data_wait"] <= 1 for r in rows if r["kind"] in ("step", "epoch"))
 
 
 def test_cli_diverging_run_exits_3_with_message(tmp_path, folder, capsys):

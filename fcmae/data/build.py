@@ -7,7 +7,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from fcmae.data.device import to_device
+from fcmae.data.device import normalisation, to_device
 from fcmae.data.digits import Digits
 from fcmae.data.folder import ImageFiles, imagefolder_samples, is_imagefolder, list_images
 from fcmae.data.shards import ShardImages, count_samples, expand_shards
@@ -56,6 +56,7 @@ class ImageData:
         self.format = detect_format(cfg.path, cfg.format)
         d_mean, d_std = default_stats(in_chans)
         self.mean, self.std = cfg.mean or d_mean, cfg.std or d_std
+        self._device_stats: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # `normalisation`, per device
         tf = train_transform(cfg.image_size, in_chans, cfg.min_scale, cfg.hflip, cfg.fast_decode)  # uint8
         self.eval_tf = eval_transform(cfg.image_size, in_chans, self.mean, self.std)
         global_micro = micro_batch * info.world_size
@@ -94,8 +95,10 @@ class ImageData:
                              "lower data.batch_size or add images")
 
     def to_device(self, imgs: torch.Tensor, device: torch.device, channels_last: bool = False) -> torch.Tensor:
-        """uint8 (b, C, H, W) batch -> normalised float32 on `device`."""
-        return to_device(imgs, device, self.mean, self.std, channels_last)
+        """uint8 (b, C, H, W) batch -> normalised float32 on `device` (the constants are copied there once)."""
+        if device not in self._device_stats:
+            self._device_stats[device] = normalisation(self.mean, self.std, device)
+        return to_device(imgs, device, *self._device_stats[device], channels_last)
 
     def check_readable(self) -> None:
         """ValueError when the data set holds no readable image at all."""

@@ -27,7 +27,7 @@ from fcmae.engine import checkpoint as ckpt_io
 from fcmae.engine.config import RunConfig
 from fcmae.engine.distributed import DistInfo, all_reduce_sum
 from fcmae.engine.metrics import MetricsLogger, format_eta, progress_bar
-from fcmae.engine.optim import build_adamw, cosine_lr, scaled_lr, set_lr
+from fcmae.engine.optim import build_adamw, cosine_lr, load_optimizer_state, scaled_lr, set_lr, skips_on_device
 from fcmae.engine.resume import check_same_run, complete, complete_message, prepare_resume
 
 
@@ -132,6 +132,82 @@ def _diverged(out: str, epoch: int, step: int, loss: float, last_step: int | Non
     )
 
 
+class StepLog:
+    """What the host knows of the steps since it last read the device: their stats stay on the device until `read`.
+
+    Reading a number from a GPU waits for every queued kernel, so the loop reads the loss only at sync points (log
+    rows, checkpoints, epoch ends; every step where the optimizer cannot skip a non-finite step on the device).
+    Between them each step only appends its all-reduced (loss sum, skipped) tensor. Also times the interval since the
+    last step row (img/s) and the time spent waiting for the data loader (`data_wait`, a share of wall time).
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (steps done before it, stats (2,) on the device)
+        self.interval_t0, self.interval_steps, self.interval_wait = time.perf_counter(), 0, 0.0
+
+    def add(self, step: int, stats: torch.Tensor, data_wait: float) -> None:
+        self.pending.append((step, stats))
+        self.interval_steps += 1
+        self.interval_wait += data_wait
+
+    def read(self) -> list[tuple[int, float, int]]:
+        """-> [(step, summed loss, skipped)] of the pending steps, in one device-to-host copy."""
+        if not self.pending:
+            return []
+        values = torch.stack([stats for _, stats in self.pending]).tolist()
+        rows = [(step, loss, int(skipped)) for (step, _), (loss, skipped) in zip(self.pending, values)]
+        self.pending.clear()
+        return rows
+
+    def interval(self) -> tuple[int, float, float]:
+        """-> (steps, seconds, data-wait seconds) since the last call, and start a new interval."""
+        now = time.perf_counter()
+        out = (self.interval_steps, now - self.interval_t0, self.interval_wait)
+        self.interval_t0, self.interval_steps, self.interval_wait = now, 0, 0.0
+        return out
+
+
+def accumulate(task: Task, forward_model: nn.Module, ddp: nn.Module, batches: Iterable[Any], scaler,
+               dtype: torch.dtype | None, info: DistInfo, accum: int, epoch: int, first_micro: int, step: int,
+               on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, float]:
+    """Forward and backward of one optimizer step's `accum` micro-batches, with no host sync.
+
+    -> (stats, data_wait): stats (2,) float64 on the device, all-reduced over processes: the summed micro-batch
+    losses and the unreadable images replaced; data_wait: seconds spent waiting for the loader.
+    """
+    device = info.device
+    stats = torch.zeros(2, dtype=torch.float64, device=device)
+    data_wait = 0.0
+    for a in range(accum):
+        t0 = time.perf_counter()
+        batch = next(batches)
+        data_wait += time.perf_counter() - t0
+        sync = a == accum - 1 or not info.distributed
+        with contextlib.nullcontext() if sync else ddp.no_sync():
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                loss = task.loss(forward_model, batch, epoch, first_micro + a)
+            if on_loss is not None:
+                loss = on_loss(step, loss)
+            scaler.scale(loss / accum).backward()
+        stats[0] += loss.detach().double()
+        stats[1] += task.skipped(batch)
+    return all_reduce_sum(stats, info), data_wait  # every process sees the same numbers, so all stop together
+
+
+def optimizer_step(optimizer: torch.optim.Optimizer, scaler, model: nn.Module, stats: torch.Tensor,
+                   clip_grad: float | None, skip_on_device: bool) -> None:
+    """Clip (optional), step and zero the gradients, with no host sync. skip_on_device: the step changes nothing when
+    the loss in `stats` is not finite (fused AdamW's `found_inf`), so the host need not read it first."""
+    if skip_on_device:
+        optimizer.found_inf = (~torch.isfinite(stats[0])).float()
+    if clip_grad is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def train(cfg: RunConfig, task: Task, info: DistInfo,
           on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
           resume: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -152,16 +228,20 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     base_lr = o.lr if o.lr is not None else scaled_lr(o.blr, task.global_batch)
-    optimizer = build_adamw(task.param_groups(o.weight_decay), base_lr, o.betas)
+    optimizer = build_adamw(task.param_groups(o.weight_decay), base_lr, o.betas, device)
     dtype = amp_dtype(cfg.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    # A non-finite loss must never reach the weights. Where the optimizer can skip a step on the device (fused AdamW
+    # reading `found_inf`), the loss is read at sync points only; elsewhere (the CPU, where reading is free, or fp16,
+    # whose GradScaler owns `found_inf`) before every optimizer step.
+    read_every_step = scaler.is_enabled() or not skips_on_device(optimizer)
 
     progress = Progress()
     last_step = None  # step of the last.pt this process wrote (or resumed from), for the NaN stop
     if resume is not None:
         path, state = resume
         task.model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
         if _hook(task, "load_extra_state") is not None:
@@ -198,6 +278,21 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
     run_t0, run_steps0 = time.time(), progress.step
     after_step, evaluate = _hook(task, "after_step"), _hook(task, "evaluate")
     start = _hook(task, "start")
+
+    def read(log: StepLog, epoch: int) -> tuple[float, int]:
+        """Bring the pending steps' numbers to the host (a sync point): stop on a non-finite loss, add them to the
+        epoch's sums. -> (loss, skipped) of the newest step."""
+        loss, skipped = float("nan"), 0
+        for step, loss_sum, skipped in log.read():
+            loss = loss_sum / (accum * info.world_size)
+            if not math.isfinite(loss):
+                raise _diverged(out, epoch, step, loss, last_step) if main else \
+                    NonFiniteLossError(f"loss is {loss} at epoch {epoch + 1}, step {step}")
+            progress.epoch_loss += loss
+            progress.epoch_skipped += skipped
+            progress.epoch_counted += 1
+        return loss, skipped
+
     try:
         if main and start is not None:
             baseline = start(resume is not None)
@@ -209,55 +304,41 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
             epoch = progress.epoch
             batches = iter(task.batches(epoch, progress.epoch_step * accum))
             bar = progress_bar(spe, progress.epoch_step, f"epoch {epoch + 1}/{o.epochs}", main and cfg.log.progress)
-            epoch_t0, epoch_steps = time.time(), 0  # steps run by this process (the img/s of this epoch)
+            epoch_t0, epoch_steps, epoch_wait = time.time(), 0, 0.0  # this process's steps (the epoch's img/s)
+            log = StepLog()
             while progress.epoch_step < spe:
-                step_t0 = time.time()
                 lr = cosine_lr(progress.step, total_steps, warmup_steps, base_lr, o.min_lr)
                 set_lr(optimizer, lr)
-                stats = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum over micro-batches, skipped
-                for a in range(accum):
-                    micro = progress.epoch_step * accum + a
-                    batch = next(batches)
-                    sync = a == accum - 1 or not info.distributed
-                    with contextlib.nullcontext() if sync else ddp.no_sync():
-                        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                            loss = task.loss(forward_model, batch, epoch, micro)
-                        if on_loss is not None:
-                            loss = on_loss(progress.step, loss)
-                        scaler.scale(loss / accum).backward()
-                    stats[0] += loss.detach().double()
-                    stats[1] += task.skipped(batch)
-                stats = all_reduce_sum(stats, info)  # every process sees the same numbers, so all stop together
-                step_loss = stats[0].item() / (accum * info.world_size)
-                if not math.isfinite(step_loss):
-                    raise _diverged(out, epoch, progress.step, step_loss, last_step) if main else \
-                        NonFiniteLossError(f"loss is {step_loss} at epoch {epoch + 1}, step {progress.step}")
-                if o.clip_grad is not None:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
+                stats, wait = accumulate(task, forward_model, ddp, batches, scaler, dtype, info, accum, epoch,
+                                         progress.epoch_step * accum, progress.step, on_loss)
+                log.add(progress.step, stats, wait)
+                epoch_wait += wait
+                if read_every_step:  # before the optimizer step: a non-finite loss stops the run here
+                    step_loss, skipped = read(log, epoch)
+                # else the fused step leaves the weights alone when the loss is not finite; read() stops the run
+                optimizer_step(optimizer, scaler, model, stats, o.clip_grad, skip_on_device=not read_every_step)
                 progress.step += 1
                 progress.epoch_step += 1
+                epoch_steps += 1
                 if after_step is not None:
                     after_step(progress.step)
-                skipped = int(stats[1].item())
-                progress.epoch_loss += step_loss
-                progress.epoch_skipped += skipped
-                progress.epoch_counted += 1
-                epoch_steps += 1
-                ips = task.global_batch / max(time.time() - step_t0, 1e-9)
-                if main:
+                bar.update(1)
+                log_row = progress.step % cfg.log.every_steps == 0
+                save = progress.step % cfg.checkpoint.every_steps == 0 and progress.epoch_step < spe
+                if not read_every_step and (log_row or save or progress.epoch_step == spe):
+                    step_loss, skipped = read(log, epoch)
+                if main and (log_row or save or read_every_step):  # the loss is on the host: show it
                     eta = (time.time() - run_t0) / (progress.step - run_steps0) * (total_steps - progress.step)
+                    ips = epoch_steps * task.global_batch / max(time.time() - epoch_t0, 1e-9)
                     bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", eta=format_eta(eta))
-                    bar.update(1)
-                    if progress.step % cfg.log.every_steps == 0:
-                        logger.log("step", progress.step, epoch=epoch, loss=step_loss, lr=lr, img_per_s=ips,
-                                   skipped=skipped)
-                    if progress.step % cfg.checkpoint.every_steps == 0 and progress.epoch_step < spe:
-                        save_checkpoint(os.path.join(out, ckpt_io.LAST), task, optimizer, scaler, progress, cfg, device)
-                        last_step = progress.step
+                if main and log_row:  # img/s and data wait over the steps since the previous row
+                    n, seconds, waited = log.interval()
+                    logger.log("step", progress.step, epoch=epoch, loss=step_loss, lr=lr,
+                               img_per_s=n * task.global_batch / max(seconds, 1e-9), skipped=skipped,
+                               data_wait=waited / max(seconds, 1e-9))
+                if main and save:
+                    save_checkpoint(os.path.join(out, ckpt_io.LAST), task, optimizer, scaler, progress, cfg, device)
+                    last_step = progress.step
             bar.close()
             dt = time.time() - epoch_t0  # the epoch's training time: evaluation, checkpoints and probes left out
             epoch_loss, epoch_skipped = progress.epoch_loss / max(1, progress.epoch_counted), progress.epoch_skipped
@@ -278,10 +359,11 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
                     save_checkpoint(os.path.join(out, f"checkpoint-epoch{progress.epoch}.pt"), task, optimizer,
                                     scaler, progress, cfg, device)
                 extra = {**evaluated, **task.end_of_epoch(epoch, last)}
+                ips, wait_share = epoch_steps * task.global_batch / dt, epoch_wait / dt
                 logger.log("epoch", progress.step, epoch=progress.epoch, loss=summary["loss"], lr=lr,
-                           img_per_s=epoch_steps * task.global_batch / dt, skipped=epoch_skipped, seconds=dt, **extra)
-                print(f"epoch {progress.epoch}/{o.epochs}  loss {summary['loss']:.4f}  lr {lr:.2e}  "
-                      f"{epoch_steps * task.global_batch / dt:.0f} img/s  skipped {epoch_skipped}  ({dt:.1f}s)"
+                           img_per_s=ips, data_wait=wait_share, skipped=epoch_skipped, seconds=dt, **extra)
+                print(f"epoch {progress.epoch}/{o.epochs}  loss {summary['loss']:.4f}  lr {lr:.2e}  {ips:.0f} img/s  "
+                      f"data wait {100 * wait_share:.0f}%  skipped {epoch_skipped}  ({dt:.1f}s)"
                       + _format_metrics(extra), flush=True)
     finally:
         logger.close()
