@@ -1,9 +1,11 @@
 """`fcmae bench`: time the full FCMAE train step (forward, backward, AdamW step) per sparse backend, side by side.
 
-All backends run the same model (one FCMAE, one AdamW: the weights keep training, so every backend times the same
-shapes and the same resident memory), the same batch and the same masks, interleaved step by step after a warm-up,
-so drift on a shared machine hits them alike. `dense` is the yardstick: timm's own `forward_features` on the unmasked
-image (every position computed), followed by the same decoder and masked-patch loss.
+All backends run the same model (one FCMAE, one AdamW as the training loop builds it: the weights keep training, so
+every backend times the same shapes and the same resident memory), the same batch and the same masks (their visible
+patch indices made on the host, as in training), interleaved step by step after a warm-up, so drift on a shared
+machine hits them alike (with --compile one backend after the other: each compiles just before its own steps).
+`dense` is the yardstick: timm's own `forward_features` on the unmasked image (every position computed), followed by
+the same decoder and masked-patch loss.
 
 Reported per backend: median step time and img/s, median CPU seconds of this process per step (robust to other
 jobs on a shared CPU when run with --threads 1), peak memory (CUDA: torch.cuda.max_memory_allocated over its steps;
@@ -30,8 +32,10 @@ from typing import Any, Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
+from convnextv2 import visible_patches
 from convnextv2.backends import BACKENDS
 from convnextv2.sparse import sparse_forward
+from fcmae.engine.optim import build_adamw
 from fcmae.model import FCMAE
 
 DENSE = "dense"
@@ -123,13 +127,14 @@ def environment(device: torch.device) -> dict[str, Any]:
     }
 
 
-def loss_fn(model: FCMAE, backend: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The FCMAE loss with the encoder run by `backend` (or densely by timm on the unmasked image for `dense`)."""
-    def fn(imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def loss_fn(model: FCMAE, backend: str) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The FCMAE loss with the encoder run by `backend` (or densely by timm on the unmasked image for `dense`).
+    fn(imgs, mask, visible): `visible` = the mask's visible patch indices, as the training loop passes them."""
+    def fn(imgs: torch.Tensor, mask: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         if backend == DENSE:
             features = model.encoder.forward_features(imgs)
         else:
-            features = sparse_forward(model.encoder, imgs, mask, backend)
+            features = sparse_forward(model.encoder, imgs, mask, backend, visible)
         pred = model.decoder(features, mask).flatten(2).transpose(1, 2)  # (N, L, p*p*C), as FCMAE.forward
         return model.loss(imgs, pred, mask)
     return fn
@@ -190,95 +195,54 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n ** 3 * reps / (time.perf_counter() - t0)
 
 
-def write_profile(path: str, step: Callable[[], Any], device: torch.device, steps: int = 3) -> None:
-    """torch.profiler over `steps` calls of `step`: the ops that take the most device (or CPU) time, as a text table."""
+def write_profile(folder: str, backend: str, step: Callable[[], Any], device: torch.device, compiled: bool,
+                  steps: int = 3) -> None:
+    """torch.profiler over `steps` calls of `step`: the ops that take the most device (or CPU) time, as a text table
+    (profile-<backend>.txt) and as JSON (profile-<backend>.json: every op's calls and self time per device, what
+    bench/roofline.py reads to set the measured time per op class against its prediction)."""
     from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415 - only with --profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
             step()
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    with open(path, "w") as f:
+    averages = prof.key_averages()
+    with open(os.path.join(folder, f"profile-{backend}.txt"), "w") as f:
         f.write(f"# {steps} steps, sorted by {sort}\n")
-        f.write(prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=60) + "\n")
+        f.write(averages.table(sort_by=sort, row_limit=40, max_name_column_width=60) + "\n")
+    ops = [{"name": e.key, "calls": e.count, "self_cpu_us": e.self_cpu_time_total,
+            "self_device_us": getattr(e, "self_device_time_total", 0.0)} for e in averages]
+    write_json_atomic(os.path.join(folder, f"profile-{backend}.json"), {
+        "schema": "fcmae-profile/1", "backend": backend, "device_type": device.type, "compile": compiled,
+        "steps": steps, "ops": sorted(ops, key=lambda o: -(o["self_device_us"] or o["self_cpu_us"]))})
 
 
-def benchmark(args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Time the backends with the options of `fcmae bench` (fcmae.commands.bench) -> per backend img/s, step
-    times, CPU seconds, MFU (and peak memory on CUDA); prints the table."""
-    backends, device, dtype = check_args(args)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    model = FCMAE(args.model, mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim,
-                  patch_size=args.patch_size).to(device)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    # foreach: the multi-tensor AdamW (torch's default on CUDA) also on CPU, where it is ~2x faster than per-tensor.
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.5e-4, betas=(0.9, 0.95),
-                            weight_decay=0.05, foreach=True)
-    n, size = args.batch_size, args.image_size
-    imgs = torch.randn(n, 3, size, size, device=device).contiguous(memory_format=memory_format)
-    masks = [model.random_mask(imgs) for _ in range(args.warmup + args.steps)]
+class Timings:
+    """Per backend: wall and CPU seconds of each timed step, and the peak memory over them (CUDA)."""
 
-    def autocast():
-        if dtype == "bf16":
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    def __init__(self, backends: list[str]):
+        self.wall: dict[str, list[float]] = {b: [] for b in backends}
+        self.cpu: dict[str, list[float]] = {b: [] for b in backends}  # CPU seconds of this process: on a shared CPU,
+        # less sensitive than wall time to other jobs (with 1 thread it is the step's own compute time)
+        self.peak: dict[str, int] = {b: 0 for b in backends}
 
-    fns = {b: loss_fn(model, b) for b in backends}
-    if args.compile:
-        fns = {b: torch.compile(fn) for b, fn in fns.items()}
+    def results(self, n: int, flops: float, peak_flops: float) -> dict[str, dict[str, float]]:
+        """-> per backend measured so far: median step time, img/s, spread, CPU s, MFU (and peak memory on CUDA)."""
+        results: dict[str, dict[str, float]] = {}
+        for b, times in self.wall.items():
+            if not times:
+                continue
+            med = statistics.median(times)
+            results[b] = {"step_s": med, "img_s": n / med, "min_s": min(times), "max_s": max(times),
+                          "cpu_s": statistics.median(self.cpu[b]), "mfu": flops / med / peak_flops,
+                          "steps": len(times)}
+            if self.peak[b]:
+                results[b]["peak_mem_gib"] = self.peak[b] / 2 ** 30
+        return results
 
-    def step(backend: str, mask: torch.Tensor) -> tuple[float, float]:
-        sync(device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        with autocast():
-            loss = fns[backend](imgs, mask)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sync(device)
-        return time.perf_counter() - t0, time.process_time() - c0
 
-    print(f"fcmae bench  {datetime.date.today()}  torch {torch.__version__}  "
-          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}"
-          f"  threads {torch.get_num_threads()}")
-    print(f"model {args.model}  batch {n}  image {size}px  patch {args.patch_size}  mask ratio {args.mask_ratio}  {dtype}  "
-          f"compile {args.compile}  channels_last {args.channels_last}  warmup {args.warmup}  steps {args.steps}")
-    times: dict[str, list[float]] = {b: [] for b in backends}
-    cpu_times: dict[str, list[float]] = {b: [] for b in backends}  # CPU seconds of this process: on a shared CPU,
-    # less sensitive than wall time to other jobs (with 1 thread it is the step's own compute time)
-    peak: dict[str, int] = {b: 0 for b in backends}
-    for i in range(args.warmup):  # interleaved warm-up (compiles, allocator, caches)
-        for b in backends:
-            step(b, masks[i])
-    for i in range(args.warmup, args.warmup + args.steps):  # interleaved timing: drift hits every backend alike
-        for b in backends:
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            wall, cpu = step(b, masks[i])
-            times[b].append(wall)
-            cpu_times[b].append(cpu)
-            if device.type == "cuda":
-                peak[b] = max(peak[b], torch.cuda.max_memory_allocated(device))
-
-    if args.profile is not None:
-        for b in backends:
-            path = os.path.join(args.profile, f"profile-{b}.txt")
-            write_profile(path, lambda b=b: step(b, masks[-1]), device)
-            print(f"wrote {path}")
-    flops = useful_flops(model, imgs, masks[0], autocast)
-    peak_flops = matmul_peak(device, torch.bfloat16 if dtype == "bf16" else torch.float32)
-    print(f"useful work {flops / n / 1e9:.2f} GFLOP/img (fwd+bwd)  measured matmul peak "
-          f"{peak_flops / 1e12:.2f} TFLOP/s ({dtype})")
-    results: dict[str, dict[str, float]] = {}
-    for b in backends:
-        med = statistics.median(times[b])
-        results[b] = {"step_s": med, "img_s": n / med, "min_s": min(times[b]), "max_s": max(times[b]),
-                      "cpu_s": statistics.median(cpu_times[b]), "mfu": flops / med / peak_flops}
-        if device.type == "cuda":
-            results[b]["peak_mem_gib"] = peak[b] / 2 ** 30
+def print_table(results: dict[str, dict[str, float]]) -> None:
+    """One line per backend: img/s, step ms, peak memory, ratios to masked, MFU, CPU seconds."""
     ref = results.get("masked")
     print(f"{'backend':<8} {'img/s':>8} {'step ms (min-max)':>24} {'peak mem':>10} {'x masked':>9} "
           f"{'mem x masked':>13} {'MFU':>6} {'cpu s/step':>11} {'cpu x masked':>13}")
@@ -291,9 +255,105 @@ def benchmark(args: argparse.Namespace) -> dict[str, dict[str, float]]:
         cpu_ratio = f"{ref['cpu_s'] / r['cpu_s']:.2f}" if ref else "-"
         print(f"{b:<8} {r['img_s']:>8.2f} {span:>24} {mem:>10} {ratio:>9} {mem_ratio:>13} {mfu:>6} "
               f"{r['cpu_s']:>11.2f} {cpu_ratio:>13}")
+
+
+def benchmark(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Time the backends with the options of `fcmae bench` (fcmae.commands.bench) -> per backend img/s, step
+    times, CPU seconds, MFU (and peak memory on CUDA); prints the table.
+
+    Eager backends are timed interleaved, step by step, so that drift hits them alike; compiled ones one after the
+    other (packed first, when listed so), each compiled just before its own steps. With --json the document is
+    rewritten after every round (eager) or backend (compiled): a run cut short keeps every figure measured so far.
+    """
+    backends, device, dtype = check_args(args)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = FCMAE(args.model, mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim,
+                  patch_size=args.patch_size).to(device)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    # the training loop's optimizer: fused AdamW on CUDA, foreach on the CPU (~2x faster there than per-tensor)
+    opt = build_adamw([{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": 0.05}],
+                      1.5e-4, (0.9, 0.95), device)
+    n, size = args.batch_size, args.image_size
+    imgs = torch.randn(n, 3, size, size, device=device).contiguous(memory_format=memory_format)
+    cpu_masks = [model.random_mask(imgs.cpu()) for _ in range(args.warmup + args.steps)]
+    # as in training: the visible indices come from the host with the mask, so no step waits for them
+    masks = [(m.to(device), visible_patches(m).to(device)) for m in cpu_masks]
+
+    def autocast():
+        if dtype == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    fns = {b: loss_fn(model, b) for b in backends}
+    if args.compile:
+        fns = {b: torch.compile(fn) for b, fn in fns.items()}
+
+    def step(backend: str, i: int) -> tuple[float, float]:
+        sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        with autocast():
+            loss = fns[backend](imgs, *masks[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sync(device)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+    print(f"fcmae bench  {datetime.date.today()}  torch {torch.__version__}  "
+          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}"
+          f"  threads {torch.get_num_threads()}")
+    print(f"model {args.model}  batch {n}  image {size}px  patch {args.patch_size}  mask ratio {args.mask_ratio}  {dtype}  "
+          f"compile {args.compile}  channels_last {args.channels_last}  warmup {args.warmup}  steps {args.steps}")
+    flops = useful_flops(model, imgs, masks[0][0], autocast)  # first: every record written below has its MFU
+    peak_flops = matmul_peak(device, torch.bfloat16 if dtype == "bf16" else torch.float32)
+    print(f"useful work {flops / n / 1e9:.2f} GFLOP/img (fwd+bwd)  measured matmul peak "
+          f"{peak_flops / 1e12:.2f} TFLOP/s ({dtype})", flush=True)
+    timings = Timings(backends)
+
+    def timed(b: str, i: int) -> None:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        wall, cpu = step(b, i)
+        timings.wall[b].append(wall)
+        timings.cpu[b].append(cpu)
+        if device.type == "cuda":
+            timings.peak[b] = max(timings.peak[b], torch.cuda.max_memory_allocated(device))
+
+    def save() -> None:
+        if args.json is not None:
+            write_json_atomic(args.json, json_document(args, device, dtype, timings.results(n, flops, peak_flops),
+                                                       flops, peak_flops, timings.wall))
+
+    def profile(b: str) -> None:
+        if args.profile is not None:
+            write_profile(args.profile, b, lambda: step(b, len(masks) - 1), device, args.compile)
+            print(f"wrote {os.path.join(args.profile, f'profile-{b}.txt')} (and .json)", flush=True)
+
+    warm, steps = range(args.warmup), range(args.warmup, args.warmup + args.steps)
+    if args.compile:  # one backend at a time: compiling takes minutes, and a finished backend is already saved
+        for b in backends:
+            for i in warm:
+                step(b, i)
+            for i in steps:
+                timed(b, i)
+            save()
+            profile(b)
+    else:
+        for i in warm:  # interleaved warm-up (allocator, caches)
+            for b in backends:
+                step(b, i)
+        for i in steps:  # interleaved timing: drift hits every backend alike
+            for b in backends:
+                timed(b, i)
+            save()
+        for b in backends:
+            profile(b)
+    results = timings.results(n, flops, peak_flops)
+    print_table(results)
     if args.json is not None:
-        document = json_document(args, device, dtype, results, flops, peak_flops, times)
-        write_json_atomic(args.json, document)
         print(f"wrote {args.json}")
     return results
 
@@ -312,6 +372,7 @@ def json_document(args: argparse.Namespace, device: torch.device, dtype: str, re
             "step_ms_min": 1e3 * r["min_s"],
             "step_ms_max": 1e3 * r["max_s"],
             "step_ms_all": [1e3 * t for t in times[b]],
+            "steps_done": r["steps"],
             "cpu_s_per_step": r["cpu_s"],
             "peak_mem_gib": mem,  # None on CPU
             "mfu": r["mfu"],
@@ -329,6 +390,7 @@ def json_document(args: argparse.Namespace, device: torch.device, dtype: str, re
         "image_size": args.image_size,
         "mask_ratio": args.mask_ratio,
         "decoder_dim": args.decoder_dim,
+        "patch_size": args.patch_size,
         "dtype": dtype,
         "compile": args.compile,
         "channels_last": args.channels_last,
@@ -338,5 +400,8 @@ def json_document(args: argparse.Namespace, device: torch.device, dtype: str, re
         "useful_gflop_per_img": flops / args.batch_size / 1e9,
         "matmul_peak_tflops": peak_flops / 1e12,
         "matmul_peak": {"shape": [n_mm, n_mm, n_mm], "dtype": "bf16" if dtype == "bf16" else "fp32", "reps": reps},
+        "backends_asked": [b.strip() for b in args.backends.split(",") if b.strip()],
+        "complete": all(r["steps"] == args.steps for r in results.values())
+        and len(results) == len([b for b in args.backends.split(",") if b.strip()]),
         "backends": backends,
     }

@@ -59,7 +59,24 @@ def test_bench_profile_writes_top_ops(tmp_path):
                  "--profile", str(tmp_path)]) == 0
     text = (tmp_path / "profile-packed.txt").read_text()
     assert text.startswith("# 3 steps, sorted by self_cpu_time_total") and "aten::convolution" in text
-    assert os.listdir(tmp_path) == ["profile-packed.txt"]
+    assert sorted(os.listdir(tmp_path)) == ["profile-packed.json", "profile-packed.txt"]
+    doc = json.loads((tmp_path / "profile-packed.json").read_text())
+    assert (doc["schema"], doc["backend"], doc["device_type"], doc["steps"]) == ("fcmae-profile/1", "packed", "cpu", 3)
+    ops = {op["name"]: op for op in doc["ops"]}
+    assert ops["aten::convolution"]["calls"] >= 3 and ops["aten::addmm"]["self_cpu_us"] > 0
+
+
+def test_bench_json_is_rewritten_as_backends_are_measured(tmp_path, monkeypatch):
+    """A run cut short keeps what it measured: the JSON is written after every interleaved round."""
+    path, written = tmp_path / "b.json", []
+    real = bench.write_json_atomic
+    monkeypatch.setattr(bench, "write_json_atomic", lambda p, doc: written.append(doc) or real(p, doc))
+    assert main(["bench", "--model", "convnextv2_atto", "--batch-size", "1", "--image-size", "64", "--decoder-dim",
+                 "16", "--steps", "2", "--warmup", "0", "--device", "cpu", "--backends", "packed,dense",
+                 "--json", str(path)]) == 0
+    assert [{b: r["steps_done"] for b, r in doc["backends"].items()} for doc in written] == [
+        {"packed": 1, "dense": 1}, {"packed": 2, "dense": 2}]
+    assert [doc["complete"] for doc in written] == [False, True] and written[-1]["patch_size"] == 32
 
 
 def test_bench_json_folder_checked_before_any_model(tmp_path, capsys, monkeypatch):

@@ -30,20 +30,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder-dim", type=int, default=512, help="FCMAE decoder width")
     p.add_argument("--backends", default="masked,packed,dense",
                    help=f"comma list of sparse backends and/or '{DENSE}'")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per backend, interleaved")
+    p.add_argument("--steps", type=int, default=10,
+                   help="timed steps per backend (interleaved; one backend after the other with --compile)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per backend first")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="fp32, or bf16 autocast (auto: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each backend's loss function")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each backend's loss function (backends then run one after the other, in "
+                        "--backends order)")
     p.add_argument("--channels-last", action="store_true", help="model and images in channels_last memory format")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights, images and masks")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after timing, profile 3 steps per backend with torch.profiler; write the top ops to "
-                        "DIR/profile-<backend>.txt (the folder must exist)")
+                        "DIR/profile-<backend>.txt and .json (for bench/roofline.py; the folder must exist)")
     p.add_argument("--json", default=None, metavar="PATH",
-                   help="also write the results as one JSON document to PATH (atomically; the folder must exist)")
+                   help="also write the results as one JSON document to PATH (atomically; rewritten as backends "
+                        "are measured, so a run cut short keeps its figures; the folder must exist)")
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
