@@ -1,6 +1,8 @@
-"""bench/gpu_suite.py's bookkeeping on CPU: records merge (newest success wins, failures kept only without one), the
-table checks the base targets, and the kill/resume check of a real (tiny) `fcmae pretrain`. The GPU numbers themselves
-come from `bash bench/gpu_suite.sh` on a GPU machine (BENCHMARKS.md)."""
+"""The one GPU call on CPU: bench/gpu_suite.py's bookkeeping (records merge: newest success wins, failures kept only
+without one, runs told apart by every setting; the table checks the base targets) and bench/gpu_call.sh's dry run
+(every step in priority order, a real `fcmae pretrain` killed and resumed, records merged after each step, steps
+skipped when the call's deadline is near). The GPU numbers themselves come from `bash bench/gpu_call.sh` on a GPU
+machine (BENCHMARKS.md, "GPU runs")."""
 import importlib.util
 import json
 import os
@@ -16,14 +18,21 @@ gpu_suite = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu_suite)
 
 
-def bench_record(date, variant="eager-nchw", packed_x=2.5, mem_x=0.5, mfu=0.4):
-    masked = {"img_s": 100.0, "step_ms": 640.0, "peak_mem_gib": 10.0, "mfu": mfu / packed_x, "img_s_x_masked": 1.0,
-              "peak_mem_x_masked": 1.0}
-    packed = {"img_s": 100.0 * packed_x, "step_ms": 640.0 / packed_x, "peak_mem_gib": 10.0 * mem_x, "mfu": mfu,
-              "img_s_x_masked": packed_x, "peak_mem_x_masked": mem_x}
+def bench_record(date, variant="eager-nchw", packed_x=2.5, mem_x=0.5, mfu=0.4, dense_x=2.2, backends=None):
+    rows = {
+        "masked": {"img_s": 100.0, "step_ms": 640.0, "peak_mem_gib": 10.0, "mfu": mfu / packed_x},
+        "packed": {"img_s": 100.0 * packed_x, "step_ms": 640.0 / packed_x, "peak_mem_gib": 10.0 * mem_x, "mfu": mfu},
+        "dense": {"img_s": 100.0 * packed_x / dense_x, "step_ms": 640.0 * dense_x / packed_x, "peak_mem_gib": 12.0,
+                  "mfu": mfu / dense_x},
+    }
+    for r in rows.values():
+        r["img_s_x_masked"], r["peak_mem_x_masked"] = r["img_s"] / 100.0, r["peak_mem_gib"] / 10.0
+    backends = backends or ["masked", "packed", "dense"]
     return {"schema": "fcmae-bench/1", "date": date, "device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0",
-            "cuda": "13.0", "cudnn": 91000, "timm": "1.0.22", "model": "convnextv2_base", "variant": variant,
-            "batch_size": 64, "image_size": 224, "dtype": "bf16", "backends": {"masked": masked, "packed": packed}}
+            "cuda": "13.0", "cudnn": 91000, "timm": "1.0.31", "model": "convnextv2_base", "variant": variant,
+            "compile": variant.startswith("compile"), "batch_size": 64, "image_size": 224, "dtype": "bf16",
+            "patch_size": 32, "mask_ratio": 0.6, "decoder_dim": 512, "backends_asked": backends,
+            "backends": {b: rows[b] for b in backends}}
 
 
 def failure(name, date):
@@ -31,16 +40,17 @@ def failure(name, date):
 
 
 def test_merge_keeps_newest_success_and_unmatched_failures(tmp_path):
-    name = "bench:convnextv2_base:eager-nchw:bs64:224px:bf16"
-    assert gpu_suite.key(bench_record("d")) == name  # the name gpu_suite.sh gives a failed bench run
+    name = gpu_suite.key(bench_record("d"))
+    assert name == "bench:convnextv2_base:eager-nchw:bs64:224px:bf16:p32:m0.6:d512:dense,masked,packed"
     records = [bench_record("2026-01-01T00:00:02", packed_x=2.5), bench_record("2026-01-01T00:00:01", packed_x=1.5),
                failure(name, "2026-01-01T00:00:03"),  # a later failure of the same run: the success stays
-               failure("bench:convnextv2_large:compile-nchw:bs64:224px:bf16", "2026-01-01T00:00:04")]
+               failure("compiled", "2026-01-01T00:00:04")]
     for i, rec in enumerate(records):
         (tmp_path / f"r{i}.json").write_text(json.dumps(rec))
     doc = gpu_suite.merge(gpu_suite.load_records([str(tmp_path)]))
-    assert [r["schema"] for r in doc["records"]] == ["fcmae-bench/1", "fcmae-failure/1"]
-    assert doc["records"][0]["backends"]["packed"]["img_s_x_masked"] == 2.5  # the newest success
+    assert sorted(r["schema"] for r in doc["records"]) == ["fcmae-bench/1", "fcmae-failure/1"]
+    bench = next(r for r in doc["records"] if r["schema"] == "fcmae-bench/1")
+    assert bench["backends"]["packed"]["img_s_x_masked"] == 2.5  # the newest success
     assert doc["device"] == "NVIDIA H100 80GB HBM3"
     # a merged file merges again to the same records
     (tmp_path / "merged.json").write_text(json.dumps(doc))
@@ -48,15 +58,24 @@ def test_merge_keeps_newest_success_and_unmatched_failures(tmp_path):
     assert again["records"] == doc["records"]
 
 
-@pytest.mark.parametrize("packed_x,mem_x,mfu,verdicts", [
-    (2.5, 0.5, 0.40, ["met", "met", "met"]),
-    (1.8, 0.7, 0.20, ["NOT met", "NOT met", "NOT met"]),
+def test_runs_of_one_variant_with_other_backends_are_both_kept():
+    """Two single-backend runs of the same variant (e.g. a rerun of the one backend that timed out) do not overwrite
+    each other."""
+    doc = gpu_suite.merge([bench_record("2", backends=["packed"]), bench_record("1", backends=["masked"])])
+    assert sorted(next(iter(r["backends"])) for r in doc["records"]) == ["masked", "packed"]
+
+
+@pytest.mark.parametrize("variant,packed_x,dense_x,mem_x,mfu,verdicts", [
+    ("compile-channels_last", 2.5, 2.2, 0.5, 0.40, ["met", "met", "met", "met"]),
+    ("compile-channels_last", 1.8, 1.5, 0.7, 0.20, ["NOT met"] * 4),
+    ("eager-channels_last", 2.5, 1.9, 0.5, 0.20, ["met", "NOT met", "met"]),  # MFU: a compiled-run target
 ])
-def test_table_checks_base_targets(packed_x, mem_x, mfu, verdicts):
-    text = gpu_suite.table(gpu_suite.merge([bench_record("d", packed_x=packed_x, mem_x=mem_x, mfu=mfu)]))
+def test_table_checks_base_targets(variant, packed_x, dense_x, mem_x, mfu, verdicts):
+    rec = bench_record("d", variant=variant, packed_x=packed_x, dense_x=dense_x, mem_x=mem_x, mfu=mfu)
+    text = gpu_suite.table(gpu_suite.merge([rec]))
     line = next(line for line in text.splitlines() if line.strip().startswith("targets"))
     assert re.findall(r"\((?:>=|<=) [\d.]+%?: ([A-Za-z ]+)\)", line) == verdicts, line
-    assert f"{packed_x:.2f}" in line and f"{100 * mfu:.1f}%" in line
+    assert f"packed/masked img/s {packed_x:.2f}" in line and f"packed/dense img/s {dense_x:.2f}" in line
 
 
 def test_finetune_step_compares_ours_with_timm(tmp_path):
@@ -74,24 +93,36 @@ def test_finetune_step_compares_ours_with_timm(tmp_path):
     assert "ours" in gpu_suite.table(gpu_suite.merge([doc]))
 
 
-def test_e2e_kills_and_resumes_a_real_pretraining(tmp_path):
-    """atto at 64 px, 24 images, batch 4: 6 steps per epoch, 2 epochs; killed once step 2 is logged, resumed."""
-    data, out = tmp_path / "data", tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
-    helper = [sys.executable, os.path.join(ROOT, "bench", "gpu_suite.py")]
-    subprocess.run(helper + ["jpegs", str(data), "--n", "24", "--width", "72", "--height", "64", "--procs", "1"],
-                   check=True, env=env)
-    record = tmp_path / "e2e.json"
-    cmd = [sys.executable, "-m", "fcmae", "pretrain", "device=cpu", "model.decoder_dim=32", "data.image_size=64",
-           "data.batch_size=4", "data.num_workers=0", "optim.epochs=2", "optim.warmup_epochs=0", "optim.lr=2e-3",
-           "checkpoint.every_steps=1", "log.every_steps=1", "log.vis_every_epochs=0", "log.progress=false",
-           "log.tensorboard=false", f"data.path={data}", f"output_dir={out}"]
-    subprocess.run(helper + ["e2e", "--name", "e2e-test", "--model", "convnextv2_atto", "--out", str(out), "--batch",
-                             "4", "--epochs", "2", "--total-steps", "12", "--kill-step", "2", "--timeout", "240",
-                             "--json", str(record), "--log", str(tmp_path / "log.txt"), "--", *cmd],
-                   check=True, env=env)
-    doc = json.loads(record.read_text())
-    assert doc["killed"] and 1 <= doc["checkpoint_step_at_kill"] < 12  # step 2 may be mid-write
-    assert doc["resumed_from_step"] == doc["checkpoint_step_at_kill"] and doc["final_step"] == 12
-    assert doc["checks"] == {k: True for k in doc["checks"]} and doc["ok"]
-    assert len(doc["epoch_losses"]) == 2 and doc["img_s_whole_run"] > 0
+def run_call(tmp_path, seconds):
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1",
+           "GPU_CALL_DRY": "1", "GPU_CALL_SECONDS": str(seconds), "GPU_CALL_WHEELS": str(tmp_path / "no-wheels"),
+           "PYTHON": sys.executable, "OUT": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_call.sh")], env=env, capture_output=True,
+                          text=True, timeout=seconds + 120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path / "out")) == ["gpu-call-files.tar.gz", "gpu-call.json", "gpu-call.log"]
+    return json.loads((tmp_path / "out" / "gpu-call.json").read_text()), proc.stdout
+
+
+def test_one_call_dry_run(tmp_path):
+    """The one call's CPU dry run (atto, 64 px): the CUDA tests skip and say so, a real pretraining is killed after its
+    first checkpoint and resumed to the end, the eager bench and its profile run, and every record is merged."""
+    doc, out = run_call(tmp_path, 470)
+    recs = {r.get("name") or f"bench:{r['model']}": r for r in doc["records"]}
+    assert not [r for r in doc["records"] if r["schema"] == "fcmae-failure/1"], out[-3000:]
+    assert recs["correctness"]["skipped"] >= 5 and recs["correctness"]["rc"] == 0
+    cli = recs["cli"]
+    assert cli["killed"] and cli["resumed_from_step"] == cli["checkpoint_step_at_kill"] == 6 and cli["final_step"] == 12
+    assert cli["ok"] and 0 <= cli["data_wait_epoch_median"] <= 1
+    bench = recs["bench:convnextv2_atto"]
+    assert set(bench["backends"]) == {"masked", "packed", "dense"} and bench["complete"]
+    assert "packed (eager): measured (profile, per step) against predicted" in out  # the roofline read the profile
+    assert "compiled: not in the CPU dry run" in out
+
+
+def test_one_call_skips_what_its_deadline_cannot_hold(tmp_path):
+    """With 20 s left no step fits: each is recorded as skipped (with the time it needed), and the call still ends 0."""
+    doc, out = run_call(tmp_path, 20)
+    reasons = {r["name"]: r["reason"] for r in doc["records"] if r["schema"] == "fcmae-failure/1"}
+    assert {"correctness", "jpegs", "eager", "eager-atto"} <= set(reasons), reasons
+    assert all(r.startswith("skipped: ") and "the step needs" in r for r in reasons.values())
