@@ -5,7 +5,6 @@ Records are JSON files, one per measurement, told apart by "schema":
   fcmae-bench/1   `fcmae bench --json` (one model / variant, every backend)
   fcmae-e2e/1     one `fcmae pretrain` / `fcmae finetune` run, killed and resumed (or not), with its img/s and checks
   fcmae-tests/1   a pytest run (counts from its JUnit XML)
-  fcmae-loader/1  bench/data_loading.py's img/s
   fcmae-finetune-step/1  bench/finetune_step.py: our fine-tuning step vs a plain timm one
   fcmae-failure/1 a command that failed, timed out or was skipped for lack of time
   fcmae-suite/1   a merge of the above (merging merged files again is fine: records are keyed, the newest wins)
@@ -203,7 +202,7 @@ def cmd_e2e(args: argparse.Namespace) -> None:
           f"checks " + " ".join(f"{k}={'ok' if v else 'FAIL'}" for k, v in c.items()), flush=True)
 
 
-# ------------------------------------------------------------------------------------------------ tests, loader, etc.
+# ------------------------------------------------------------------------------------------------- tests, failures
 def cmd_tests(args: argparse.Namespace) -> None:
     doc: dict[str, Any] = {"schema": "fcmae-tests/1", "name": args.name, "date": now(), "command": args.command,
                            "rc": args.rc}
@@ -223,17 +222,6 @@ def cmd_tests(args: argparse.Namespace) -> None:
                 skipped.append(f"{name}: {skip.get('message', '')}")
     doc.update(counts, passed=counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"],
                failed=failed, skipped_reasons=skipped, ok=args.rc == 0 and counts["tests"] > 0)
-    write_json(args.json, doc)
-
-
-def cmd_loader(args: argparse.Namespace) -> None:
-    text = open(args.log).read()
-    single = re.search(r"in-process \(0 workers\)\s+([\d.]+)", text)
-    multi = re.search(r"(\d+) workers\s+([\d.]+)\s+([\d.]+)", text)
-    doc = {"schema": "fcmae-loader/1", "name": args.name, "date": now(), "command": args.command,
-           "img_s_in_process": float(single.group(1)) if single else None,
-           "workers": int(multi.group(1)) if multi else None, "img_s_workers": float(multi.group(2)) if multi else None,
-           "ok": bool(single and multi)}
     write_json(args.json, doc)
 
 
@@ -345,9 +333,6 @@ def table(doc: dict[str, Any]) -> str:
         elif r["schema"] == "fcmae-tests/1":
             lines.append(f"tests {r['name']}: {r['passed']} passed, {r['failures'] + r['errors']} failed, "
                          f"{r['skipped']} skipped (rc {r['rc']})" + "".join(f"\n  FAILED {n}" for n in r["failed"]))
-        elif r["schema"] == "fcmae-loader/1":
-            lines.append(f"loader {r['name']}: {fmt(r['img_s_in_process'])} img/s in-process, "
-                         f"{fmt(r['img_s_workers'])} img/s with {r['workers']} workers")
         elif r["schema"] == "fcmae-finetune-step/1":
             o, t = r["steps_compared"]["ours"], r["steps_compared"]["timm"]
             lines.append(f"finetune step {r['model']} {r['variant']} bs{r['batch_size']} {r['dtype']}: ours "
@@ -404,10 +389,6 @@ def main(argv: list[str] | None = None) -> None:
         t.add_argument(f"--{name}", required=True)
     t.add_argument("--rc", type=int, required=True)
     t.set_defaults(func=cmd_tests)
-    lo = sub.add_parser("loader", help="record bench/data_loading.py's output")
-    for name in ("name", "log", "json", "command"):
-        lo.add_argument(f"--{name}", required=True)
-    lo.set_defaults(func=cmd_loader)
     f = sub.add_parser("failure", help="record a failed, timed-out or skipped command")
     for name in ("name", "json", "command", "reason"):
         f.add_argument(f"--{name}", required=True)
