@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from convnextv2.checkpoint.hub import hf_preprocessor_config, timm_hub_config
+from convnextv2.timm_names import timm_name
 from fcmae.data.transforms import default_stats
 
 FINETUNE_FORMAT = "fcmae-finetune"
@@ -18,9 +19,12 @@ def eval_settings(data: dict[str, Any], in_chans: int) -> tuple[int, float, list
         list(data.get("mean") or d_mean), list(data.get("std") or d_std)
 
 
-def timm_config(name: str, num_classes: int, in_chans: int, data: dict[str, Any],
+def timm_config(name: str, patch_size: int, num_classes: int, in_chans: int, data: dict[str, Any],
                 classes: list[str] | None) -> dict[str, Any]:
-    return timm_hub_config(name, num_classes, in_chans, *eval_settings(data, in_chans), label_names=classes)
+    """timm's config.json of a classifier `name` (convnextv2_<size>) at `patch_size`: it names the layout's timm
+    model (convnextv2_atto_s16 at 16), so `timm.create_model("local-dir:...", pretrained=True)` builds it."""
+    return timm_hub_config(timm_name(name, patch_size), num_classes, in_chans, *eval_settings(data, in_chans),
+                           label_names=classes)
 
 
 def checkpoint_exports(raw: Any) -> tuple[dict[str, Any], dict[str, Any], list[str]] | None:
@@ -31,5 +35,6 @@ def checkpoint_exports(raw: Any) -> tuple[dict[str, Any], dict[str, Any], list[s
     margs, data = raw.get("model_args") or {}, (raw.get("config") or {}).get("data") or {}
     in_chans, classes = int(margs.get("in_chans", 3)), list(raw.get("classes") or [])
     size, crop, mean, std = eval_settings(data, in_chans)
-    return (timm_config(margs["name"], int(margs["num_classes"]), in_chans, data, classes or None),
+    return (timm_config(margs["name"], int(margs.get("patch_size") or 32), int(margs["num_classes"]), in_chans, data,
+                        classes or None),
             hf_preprocessor_config(size, crop, mean, std), classes)
