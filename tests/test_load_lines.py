@@ -30,9 +30,12 @@ def eval_inputs(data: dict, in_chans: int, path: str) -> torch.Tensor:
     return torch.tensor([int(item[1]) for item in items])
 
 
-def eval_top1(argv: list[str], capsys) -> float:
+def eval_top1(argv: list[str], capsys, said: str = "") -> float:
+    """`fcmae eval ARGV`'s top-1 (its output must contain `said`)."""
     assert main(["eval", *argv, "data.num_workers=0", "device=cpu"]) == 0
-    return float(capsys.readouterr().out.split("top-1 ", 1)[1].split()[0])
+    out = capsys.readouterr().out
+    assert said in out, out
+    return float(out.split("top-1 ", 1)[1].split()[0])
 
 
 def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -124,5 +127,5 @@ print(tuple(scope["transform"](Image.new("L", (90, 70))).shape))
     assert out[0] == "False True" and out[1] == "(1, 64, 64)", out  # the eval transform read from config.json
     for name, logits in (("model.safetensors", "printed.logits"), ("model.safetensors", "readme-local-dir.logits"),
                          ("model-ema.safetensors", "readme-ema.logits")):
-        top1_of_eval = eval_top1([str(run / name), *DIGITS], capsys)
+        top1_of_eval = eval_top1([str(run / name), *DIGITS], capsys, said="metadata: 64 px, crop_pct 0.875")
         check_logits(str(run / name), str(root / logits), str(root / "inputs.pt"), labels, top1_of_eval)

@@ -11,14 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from convnextv2.checkpoint import (
-    EncoderWeights, detect, load_file, read_encoder, save_state_dict, save_torch, timm_classifier_state_dict,
-    timm_metadata, write_hf,
+    detect, load_file, read_encoder, save_state_dict, save_torch, timm_classifier_state_dict, timm_metadata, write_hf,
 )
-from convnextv2.checkpoint.convert import feature_info, require_name, write_backbone
-from convnextv2.checkpoint.hub import metadata, timm_backbone_config
+from convnextv2.checkpoint.convert import require_name
+from convnextv2.checkpoint.hub import metadata
 from convnextv2.timm_names import load_line
 from fcmae.convert import fcmae_checkpoint, fcmae_from_encoder
-from fcmae.export import checkpoint_exports, eval_settings
+from fcmae.export import checkpoint_exports, trained_settings, write_backbone_export
 
 
 def _parts(keys: list[str]) -> str:
@@ -106,23 +105,3 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               f"fresh: {_parts(fresh)}" + (f"; build it with ConvNextV2Config(patch_size={weights.arch.stem_stride})"
                                            if weights.arch.stem_stride != 4 else ""))
     return {"weights": weights, "fresh": fresh}
-
-
-def trained_settings(raw: Any, in_chans: int) -> tuple[int, float, list[float], list[float]]:
-    """(image_size, crop_pct, mean, std) a checkpoint of this project was trained with (its config's `data`); 224 px,
-    crop_pct 0.875 and the default statistics for other files."""
-    data = ((raw.get("config") or {}).get("data") or {}) if isinstance(raw, dict) else {}
-    return eval_settings(data if isinstance(data, dict) else {}, in_chans)
-
-
-def write_backbone_export(weights: EncoderWeights, raw: Any, dst: Path) -> dict[str, Any]:
-    """--to backbone: the encoder with its stage channels / strides and the preprocessing it was trained with
-    (`trained_settings`) -> {"weights", "fresh", "path": the weights file}."""
-    arch = weights.arch
-    size, _, mean, std = trained_settings(raw, arch.in_chans)
-    stages = feature_info(arch)
-    path = write_backbone(weights, dst, timm_backbone_config(arch.timm_name, arch.in_chans, stages, size, mean, std))
-    print(f"wrote {dst}: timm {arch.timm_name} backbone (no classifier{'' if dst.suffix else '; + config.json'}), "
-          f"stage channels {[s['num_chs'] for s in stages]}, strides {[s['reduction'] for s in stages]}")
-    print(f"  load: {load_line(require_name(arch), arch.patch_size, arch.in_chans, str(path), None, size)}")
-    return {"weights": weights, "fresh": [], "path": path}

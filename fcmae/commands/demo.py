@@ -80,7 +80,7 @@ def demo_configs(args: argparse.Namespace, out: str) -> tuple[PretrainConfig, Fi
 
 def run(args: argparse.Namespace) -> dict:
     from convnextv2.checkpoint import detect, load_file, read_encoder
-    from fcmae.commands.convert import write_backbone_export
+    from fcmae.export import write_backbone_export
     from fcmae.finetune import finetune
     from fcmae.pretrain import pretrain
 
