@@ -40,27 +40,17 @@ SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...], bool]] = {
 SUFFIXES = {32: "", 16: "_s16", 8: "_s8"}  # total stride (= FCMAE's mask patch side) -> name suffix
 FIXED = ("patch_size", "stem_type", "output_stride")  # set by the name: a different value would change the layout
 
-__all__ = ["SIZES", "SUFFIXES", "timm_name", "split_timm_name", "load_line"]  # + the registered names
+__all__ = ["SIZES", "SUFFIXES", "timm_name", "load_line"]  # + the registered names
 
 
 def timm_name(name: str, patch_size: int) -> str:
-    """`convnextv2_<size>` at total stride `patch_size` -> its timm name: 32 `convnextv2_atto`, 16 `convnextv2_atto_s16`,
-    8 `convnextv2_atto_s8`."""
+    """`convnextv2_<size>` at total stride `patch_size` -> its timm name: 32 `convnextv2_atto`, 16
+    `convnextv2_atto_s16`, 8 `convnextv2_atto_s8`."""
     if name not in SIZES:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(SIZES)}")
     if patch_size not in SUFFIXES:
         raise ValueError(f"patch size {patch_size!r} has no timm name; choose one of: {', '.join(map(str, SUFFIXES))}")
     return name + SUFFIXES[patch_size]
-
-
-def split_timm_name(arch: str) -> tuple[str, int]:
-    """The inverse of `timm_name`: `convnextv2_atto_s16` -> ("convnextv2_atto", 16)."""
-    for patch_size, suffix in SUFFIXES.items():
-        if suffix and arch.endswith(suffix) and arch[:-len(suffix)] in SIZES:
-            return arch[:-len(suffix)], patch_size
-    if arch in SIZES:
-        return arch, 32
-    raise ValueError(f"{arch!r} is no ConvNeXt V2 timm name (convnextv2_<size>[_s16|_s8])")
 
 
 def load_line(name: str, patch_size: int, in_chans: int, path: str, num_classes: int | None = None,

@@ -93,9 +93,9 @@ def demo_pretrain(tmp_path_factory):
     from fcmae.cli import main
 
     out = tmp_path_factory.mktemp("demo-pretrain") / "runs" / "demo"
-    assert main(["pretrain", "--config", "pretrain/demo", f"output_dir={out}", "optim.epochs=1", "optim.warmup_epochs=0",
-                 "data.num_samples=64", "monitor.every_epochs=0", "log.vis_every_epochs=0", "log.progress=false",
-                 "log.tensorboard=false"]) == 0
+    assert main(["pretrain", "--config", "pretrain/demo", f"output_dir={out}", "optim.epochs=1",
+                 "optim.warmup_epochs=0", "data.num_samples=64", "monitor.every_epochs=0", "log.vis_every_epochs=0",
+                 "log.progress=false", "log.tensorboard=false"]) == 0
     return out / "last.pt"
 
 

@@ -64,7 +64,8 @@ def detection_training_step(detector, in_chans: int) -> dict[str, float]:
     return {k: v.item() for k, v in losses.items()}
 
 
-@pytest.mark.parametrize("patch, in_chans, depth, decoder", [(32, 3, 5, (64, 32, 16, 16, 8)), (16, 1, 4, (64, 32, 16, 8))])
+@pytest.mark.parametrize("patch, in_chans, depth, decoder",
+                         [(32, 3, 5, (64, 32, 16, 16, 8)), (16, 1, 4, (64, 32, 16, 8))])
 def test_smp_unet_encoder_is_ours(patch, in_chans, depth, decoder, tmp_path):
     """smp.Unet("tu-<name>") with our weights (encoder_weights=True + the overlay): its encoder's maps are our stage
     outputs, bit for bit (at 32 smp adds an empty stride-2 map), and a training step runs."""

@@ -18,7 +18,7 @@ CONVERT = "## Converting checkpoints (`fcmae convert`)"
 TESTED = {
     "## Python API": 1,  # test_python_api_block
     "### Training from Python": 1,  # test_api.py::test_readme_example_runs
-    "## Fine-tuning and evaluation (`fcmae finetune`, `fcmae eval`)": 1,  # test_load_lines.py (pasted in a fresh process)
+    "## Fine-tuning and evaluation (`fcmae finetune`, `fcmae eval`)": 1,  # test_load_lines.py, in a fresh process
     CONVERT: 1,  # test_checkpoint_api_block
     "## Detection and segmentation (the encoder as a timm backbone)": 4,  # test_downstream.py
     "## MinkowskiEngine backend (`minkowski`)": 1,  # test_minkowski_block
@@ -60,7 +60,8 @@ def test_checkpoint_api_block(in_demo_dir, capsys):
     scope: dict = {}
     exec(code_block(CONVERT), scope)
     said = capsys.readouterr().out.splitlines()
-    assert said[0].startswith("loaded 136 tensors (this project's FCMAE checkpoint") and "fresh: head.fc, head.norm" in said[0]
+    assert said[0].startswith("loaded 136 tensors (this project's FCMAE checkpoint")
+    assert "fresh: head.fc, head.norm" in said[0]
     assert said[1].startswith("reference repo dense state_dict (fine-tuned or pt_only) [reference], convnextv2_atto ")
     assert scope["model"].stem[0].in_channels == 1 and scope["model"].num_classes == 10
 

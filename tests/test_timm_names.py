@@ -14,7 +14,7 @@ from safetensors import safe_open
 from conftest import randomize_grn
 from convnextv2 import create_encoder, encoder_patch_size
 from convnextv2.checkpoint import load_encoder_weights
-from convnextv2.timm_names import SIZES, split_timm_name, timm_name
+from convnextv2.timm_names import SIZES, timm_name
 from fcmae.cli import main
 
 
@@ -41,7 +41,7 @@ def test_every_size_has_both_names(name):
     depths, dims, _ = SIZES[name]
     for patch in (16, 8):
         arch = timm_name(name, patch)
-        assert split_timm_name(arch) == (name, patch) and arch in timm.list_models("convnextv2_*")
+        assert arch == f"{name}_s{patch}" and arch in timm.list_models("convnextv2_*")
         with torch.device("meta"):
             model = timm.create_model(arch, in_chans=2)
             features = timm.create_model(arch, in_chans=2, features_only=True)
@@ -51,7 +51,7 @@ def test_every_size_has_both_names(name):
         assert features.feature_info.reduction() == [patch // 8 * 2 ** i for i in range(4)]
         assert features.feature_info.channels() == list(dims)
         assert model.pretrained_cfg["architecture"] == arch
-    assert split_timm_name(name) == (name, 32)
+    assert timm_name(name, 32) == name
 
 
 def test_layouts_match_timm_and_transformers_own():
@@ -97,7 +97,8 @@ def test_backbone_export_loads_by_name_and_as_local_dir(encoder16, tmp_path, no_
     # a file: the printed line (features_only, by name, overlay) gives our stage outputs exactly
     assert main(["convert", str(src), str(tmp_path / "enc.safetensors"), "--to", "backbone"]) == 0
     out = capsys.readouterr().out
-    assert "timm convnextv2_atto_s16 backbone (no classifier), stage channels [40, 80, 160, 320], strides [2, 4, 8, 16]" in out
+    assert ("timm convnextv2_atto_s16 backbone (no classifier), stage channels [40, 80, 160, 320], "
+            "strides [2, 4, 8, 16]") in out
     scope: dict = {}
     exec(out.split("  load: ", 1)[1].strip(), scope)
     model = scope["model"].eval()
@@ -121,6 +122,10 @@ def test_backbone_export_loads_by_name_and_as_local_dir(encoder16, tmp_path, no_
         assert torch.equal(pooled.forward_features(x), want[-1]) and pooled.num_classes == 0
     assert main(["convert", str(src), str(tmp_path / "x.safetensors"), "--to", "backbone", "--num-classes", "3"]) == 2
     assert "a backbone has no classifier" in capsys.readouterr().err
+    (tmp_path / "taken").write_text("a file")
+    assert main(["convert", str(src), str(tmp_path / "taken"), "--to", "backbone"]) == 2
+    assert "is a file; --to backbone writes a folder there" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists() and (tmp_path / "taken").read_text() == "a file"
 
 
 def test_mismatch_names_in_chans_and_patch_size(encoder16):

@@ -1,6 +1,6 @@
-"""`fcmae convert SRC DST`: any ConvNeXt V2 checkpoint -> a timm classifier, a timm backbone (the encoder for detection /
-segmentation), a Hugging Face state_dict, or an FCMAE checkpoint with a fresh decoder (to continue pretraining from
-released weights).
+"""`fcmae convert SRC DST`: any ConvNeXt V2 checkpoint -> a timm classifier, a timm backbone (the encoder for
+detection / segmentation), a Hugging Face state_dict, or an FCMAE checkpoint with a fresh decoder (to continue
+pretraining from released weights).
 
 The reading, detection and format rules live in `convnextv2.checkpoint`, the FCMAE side in fcmae.convert.
 """
@@ -59,6 +59,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.to == "backbone" and dst.suffix not in (".safetensors", ".pth", ".pt", ".bin", ""):
         raise ValueError(f"cannot tell the file type of {dst}: name it *.safetensors (recommended), *.pth or *.pt, "
                          "or give a folder name without suffix")
+    if args.to == "backbone" and not dst.suffix and dst.exists() and not dst.is_dir():
+        raise ValueError(f"{dst} is a file; --to backbone writes a folder there: give a new folder name or a "
+                         "*.safetensors")
     if args.to == "backbone" and args.num_classes is not None:
         raise ValueError("a backbone has no classifier: leave out --num-classes (or use --to timm)")
     if args.num_classes is not None and args.num_classes < 0:

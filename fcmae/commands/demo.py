@@ -1,7 +1,7 @@
 """`fcmae demo`: the whole story on the built-in digits, on CPU: FCMAE pretraining of ConvNeXt V2 atto (16-px mask
-patches: a 4x4 grid at 64 px) on the digits without labels, with a kNN monitor of the encoder; conversion to a timm backbone;
-fine-tuning on a small labeled subset; the same fine-tuning from scratch; and a table comparing the two on held-out
-digits that neither pretraining nor fine-tuning has seen.
+patches: a 4x4 grid at 64 px) on the digits without labels, with a kNN monitor of the encoder; conversion to a timm
+backbone; fine-tuning on a small labeled subset; the same fine-tuning from scratch; and a table comparing the two on
+held-out digits that neither pretraining nor fine-tuning has seen.
 
 Each stage is the real command with the demo recipes (configs/pretrain/demo.yaml, configs/finetune/demo.yaml) in a
 fresh run directory: the same engine, checkpoints, metrics and pictures as a real run. --full swaps in the recipe that
