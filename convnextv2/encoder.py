@@ -9,11 +9,10 @@ import timm
 from timm.models.convnext import ConvNeXt
 from torch import nn
 
+from convnextv2.timm_names import SIZES, timm_name
+
 # timm's ConvNeXt V2 family, smallest first (SPEC §1 lists atto..huge; timm also has `small`).
-SIZES = ("atto", "femto", "pico", "nano", "tiny", "small", "base", "large", "huge")
-MODEL_NAMES: tuple[str, ...] = tuple(
-    f"convnextv2_{size}" for size in SIZES if f"convnextv2_{size}" in timm.list_models("convnextv2_*")
-)
+MODEL_NAMES: tuple[str, ...] = tuple(name for name in SIZES if name in timm.list_models("convnextv2_*"))
 # Mask patch sides (= the encoder's total stride) FCMAE supports: the paper's 32 (timm's 4x4 stem) and 16 / 8 for small
 # images (a 2x2 / 1x1 stem). The three downsamples halve the resolution each, so the stem stride is patch_size // 8.
 PATCH_SIZES = (32, 16, 8)
@@ -34,23 +33,18 @@ def check_model_name(name: str) -> None:
 
 
 def create_convnextv2(name: str, patch_size: int = 32, **kwargs) -> ConvNeXt:
-    """timm's `convnextv2_<size>` with total stride `patch_size` (32 / 16 / 8), randomly initialised.
+    """timm's model for `convnextv2_<size>` at total stride `patch_size` (32 / 16 / 8), randomly initialised:
+    `timm.create_model(timm_name(name, patch_size), **kwargs)`, i.e. `convnextv2_atto`, `convnextv2_atto_s16`,
+    `convnextv2_atto_s8` (convnextv2.timm_names).
 
-    The stem is a k x k / k patch conv with k = patch_size // 8 (timm's own `patch_size` argument), followed by the
-    usual 2x2/2 downsamples before stages 1-3. timm's `patch_size=2` also gives stage 0 a 2x2/2 downsample (keeping
-    the total stride at 32); that layer is replaced by Identity here, so a stride-2 stem gives total stride 16, the
-    layout of Hugging Face's ConvNextV2 with `patch_size=2`. Extra keyword arguments go to `timm.create_model`.
+    The stem is a k x k / k patch conv with k = patch_size // 8, followed by 2x2/2 downsamples before stages 1-3 only,
+    so a stride-2 stem gives total stride 16, the layout of Hugging Face's ConvNextV2 with `patch_size=2`.
     """
     check_model_name(name)
     if kwargs.get("pretrained"):
         raise ValueError("create_convnextv2 builds random weights; load a checkpoint with convnextv2.checkpoint")
-    stride = stem_stride(patch_size)
-    model = timm.create_model(name, pretrained=False, patch_size=stride, **kwargs)
-    if not isinstance(model.stages[0].downsample, nn.Identity):
-        model.stages[0].downsample = nn.Identity()
-        for i, info in enumerate(model.feature_info):
-            info["reduction"] = stride * 2 ** i
-    return model
+    stem_stride(patch_size)  # ValueError naming the valid patch sizes
+    return timm.create_model(timm_name(name, patch_size), pretrained=False, **kwargs)
 
 
 def create_encoder(name: str, in_chans: int = 3, patch_size: int = 32, **kwargs) -> ConvNeXt:

@@ -1,11 +1,15 @@
-"""The preprocessing a fine-tuned classifier was evaluated with, in the form its exports carry it
-(convnextv2.checkpoint.hub): `fcmae finetune`'s model*.safetensors + config.json, `fcmae convert` of a fine-tune
-checkpoint, and what `fcmae eval` reads back."""
+"""The preprocessing a model was trained with, in the form its exports carry it (convnextv2.checkpoint.hub):
+`fcmae finetune`'s model*.safetensors + config.json, `fcmae convert` of a fine-tune checkpoint, a backbone export
+(`fcmae convert --to backbone`, `fcmae demo`), and what `fcmae eval` reads back."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-from convnextv2.checkpoint.hub import hf_preprocessor_config, timm_hub_config
+from convnextv2.checkpoint import EncoderWeights
+from convnextv2.checkpoint.convert import feature_info, require_name, write_backbone
+from convnextv2.checkpoint.hub import hf_preprocessor_config, timm_backbone_config, timm_hub_config
+from convnextv2.timm_names import load_line, timm_name
 from fcmae.data.transforms import default_stats
 
 FINETUNE_FORMAT = "fcmae-finetune"
@@ -18,9 +22,12 @@ def eval_settings(data: dict[str, Any], in_chans: int) -> tuple[int, float, list
         list(data.get("mean") or d_mean), list(data.get("std") or d_std)
 
 
-def timm_config(name: str, num_classes: int, in_chans: int, data: dict[str, Any],
+def timm_config(name: str, patch_size: int, num_classes: int, in_chans: int, data: dict[str, Any],
                 classes: list[str] | None) -> dict[str, Any]:
-    return timm_hub_config(name, num_classes, in_chans, *eval_settings(data, in_chans), label_names=classes)
+    """timm's config.json of a classifier `name` (convnextv2_<size>) at `patch_size`: it names the layout's timm
+    model (convnextv2_atto_s16 at 16), so `timm.create_model("local-dir:...", pretrained=True)` builds it."""
+    return timm_hub_config(timm_name(name, patch_size), num_classes, in_chans, *eval_settings(data, in_chans),
+                           label_names=classes)
 
 
 def checkpoint_exports(raw: Any) -> tuple[dict[str, Any], dict[str, Any], list[str]] | None:
@@ -31,5 +38,27 @@ def checkpoint_exports(raw: Any) -> tuple[dict[str, Any], dict[str, Any], list[s
     margs, data = raw.get("model_args") or {}, (raw.get("config") or {}).get("data") or {}
     in_chans, classes = int(margs.get("in_chans", 3)), list(raw.get("classes") or [])
     size, crop, mean, std = eval_settings(data, in_chans)
-    return (timm_config(margs["name"], int(margs["num_classes"]), in_chans, data, classes or None),
+    return (timm_config(margs["name"], int(margs.get("patch_size") or 32), int(margs["num_classes"]), in_chans, data,
+                        classes or None),
             hf_preprocessor_config(size, crop, mean, std), classes)
+
+
+def trained_settings(raw: Any, in_chans: int) -> tuple[int, float, list[float], list[float]]:
+    """(image_size, crop_pct, mean, std) a checkpoint of this project was trained with (its config's `data`); 224 px,
+    crop_pct 0.875 and the default statistics for other files."""
+    data = ((raw.get("config") or {}).get("data") or {}) if isinstance(raw, dict) else {}
+    return eval_settings(data if isinstance(data, dict) else {}, in_chans)
+
+
+def write_backbone_export(weights: EncoderWeights, raw: Any, dst: Path) -> dict[str, Any]:
+    """Write the encoder as a timm backbone (`fcmae convert --to backbone`, the demo's stage 2) with its stage
+    channels / strides and the preprocessing it was trained with (`trained_settings`), and print its load line ->
+    {"weights", "fresh", "path": the weights file}."""
+    arch = weights.arch
+    size, _, mean, std = trained_settings(raw, arch.in_chans)
+    stages = feature_info(arch)
+    path = write_backbone(weights, dst, timm_backbone_config(arch.timm_name, arch.in_chans, stages, size, mean, std))
+    print(f"wrote {dst}: timm {arch.timm_name} backbone (no classifier{'' if dst.suffix else '; + config.json'}), "
+          f"stage channels {[s['num_chs'] for s in stages]}, strides {[s['reduction'] for s in stages]}")
+    print(f"  load: {load_line(require_name(arch), arch.patch_size, arch.in_chans, str(path), None, size)}")
+    return {"weights": weights, "fresh": [], "path": path}

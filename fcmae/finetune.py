@@ -246,14 +246,14 @@ class FinetuneTask:
     def export(self) -> dict[str, str]:
         """The final model (and EMA) as timm state_dicts in safetensors, with the architecture, preprocessing and class
         names in their metadata and timm's config.json beside them: timm.create_model("local-dir:RUN_DIR",
-        pretrained=True) loads model.safetensors with it (patch 32); `convnextv2.checkpoint.timm_load_hint` says how
-        plain timm loads either file at any patch size."""
+        pretrained=True) loads model.safetensors with it (its architecture is the layout's timm name,
+        convnextv2.timm_names); `convnextv2.timm_names.load_line` is the line that loads either file."""
         from convnextv2.checkpoint import infer_arch, save_state_dict, timm_metadata
         from convnextv2.checkpoint.convert import write_json
         from convnextv2.checkpoint.hub import metadata
 
-        hub = timm_config(self.cfg.model.name, self.num_classes, self.in_chans, to_dict(self.cfg)["data"],
-                          list(self.classes))
+        hub = timm_config(self.cfg.model.name, self.patch_size, self.num_classes, self.in_chans,
+                          to_dict(self.cfg)["data"], list(self.classes))
         meta = {**timm_metadata(infer_arch(self.model.state_dict())), **metadata(hub)}
         out = {"model": os.path.join(self.cfg.output_dir, "model.safetensors")}
         save_state_dict(self.model.state_dict(), out["model"], meta)
@@ -289,13 +289,13 @@ def finetune(cfg: FinetuneConfig, on_loss: Callable[[int, torch.Tensor], torch.T
         summary = train(cfg, task, info, on_loss=on_loss, resume=resume)
         if info.is_main:
             summary["exported"] = task.export()
-            from convnextv2.checkpoint import timm_load_hint
+            from convnextv2.timm_names import load_line
 
             print(f"best top-1 {task.best['top1']:.2f} (epoch {task.best['epoch']})"
                   + (f", EMA {task.best['ema_top1']:.2f} (epoch {task.best['ema_epoch']})" if task.ema else "")
-                  + f"; exported {', '.join(summary['exported'].values())}; load in timm: "
-                  + timm_load_hint(cfg.model.name, summary["exported"]["model"], task.num_classes, task.patch_size),
-                  flush=True)
+                  + f"; exported {', '.join(summary['exported'].values())}; load in timm:\n  "
+                  + load_line(cfg.model.name, task.patch_size, task.in_chans, summary["exported"]["model"],
+                              task.num_classes, cfg.data.image_size), flush=True)
         summary["best"] = dict(task.best)
         return summary
     finally:

@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 import torch
@@ -83,3 +84,25 @@ def folder(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("imagefolder")
     make_imagefolder(str(root), classes=2, per_class=12)
     return str(root)
+
+
+@pytest.fixture(scope="session")
+def demo_pretrain(tmp_path_factory):
+    """runs/demo/last.pt as `fcmae pretrain --config configs/pretrain/demo.yaml` writes it (atto, grey digits, 64 px,
+    patch 16), one step long (no warm-up, so GRN moves off zero): README's examples start from it."""
+    from fcmae.cli import main
+
+    out = tmp_path_factory.mktemp("demo-pretrain") / "runs" / "demo"
+    assert main(["pretrain", "--config", "pretrain/demo", f"output_dir={out}", "optim.epochs=1",
+                 "optim.warmup_epochs=0", "data.num_samples=64", "monitor.every_epochs=0", "log.vis_every_epochs=0",
+                 "log.progress=false", "log.tensorboard=false"]) == 0
+    return out / "last.pt"
+
+
+@pytest.fixture
+def in_demo_dir(demo_pretrain, tmp_path, monkeypatch):
+    """A working directory holding runs/demo/last.pt (`demo_pretrain`), as after the demo recipe's pretraining."""
+    (tmp_path / "runs" / "demo").mkdir(parents=True)
+    shutil.copy(demo_pretrain, tmp_path / "runs" / "demo" / "last.pt")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -2,20 +2,17 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import pytest
 
 import fcmae
 from fcmae.api import as_overrides, pretrain
-
-README = Path(__file__).resolve().parents[1] / "README.md"
+from readme import code_block
 
 
 def readme_example() -> str:
-    section = README.read_text().split("### Training from Python", 1)[1]
-    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    return code_block("### Training from Python")
 
 
 def test_overrides_keep_their_types():

@@ -83,3 +83,32 @@ def test_demo_quick_prints_table(tmp_path):
     assert "pretraining on the first 128 of the 1297 digits that are not held out" in out  # --quick says what it uses
     png = out.split("reconstructions: ")[1].split()[0]
     assert os.path.isfile(png)
+    check_demo_load_lines(out, tmp_path)
+
+
+def check_demo_load_lines(out: str, run: str) -> None:
+    """The demo's printed load lines (the backbone's, both fine-tunes'), pasted into a fresh process, build the
+    models whose outputs fcmae's own loaders give: our encoder's stage outputs, `fcmae eval`'s logits."""
+    import torch
+
+    from conftest import rel_err
+    from fcmae.evaluate import load_classifier
+    from fcmae.finetune import encoder_from_checkpoint
+    from fresh import logits_script, run_fresh
+    from test_timm_names import stage_outputs
+
+    lines = out.splitlines()
+    backbone = [line.split("  load: ", 1)[1] for line in lines if line.startswith("  load: ")]
+    classifiers = [line.strip() for line in lines if line.startswith("  import convnextv2, timm; model = ")]
+    assert len(backbone) == 1 and len(classifiers) == 2 and "features_only=True" in backbone[0]
+    torch.save(torch.randn(2, 1, 64, 64), os.path.join(run, "x.pt"))
+    jobs = [(line, "x.pt", f"out{i}.pt") for i, line in enumerate(backbone + classifiers)]
+    assert run_fresh(logits_script(jobs), run).split() == ["False", "True"]
+    x = torch.load(os.path.join(run, "x.pt"))
+    encoder, _ = encoder_from_checkpoint(os.path.join(run, "pretrain", "last.pt"))
+    with torch.no_grad():
+        got = torch.load(os.path.join(run, "out0.pt"))
+        assert all(torch.equal(a, b) for a, b in zip(got, stage_outputs(encoder, x), strict=True))
+        for i, arm in ((1, "finetune-fcmae"), (2, "finetune-scratch")):
+            model, _ = load_classifier(os.path.join(run, arm, "model.safetensors"))
+            assert rel_err(torch.load(os.path.join(run, f"out{i}.pt")), model.eval()(x)) <= 1e-6

@@ -87,19 +87,19 @@ def fcmae16(tmp_path):
     return ckpt, x, feats
 
 
-def test_fcmae16_to_timm_loads_in_plain_timm(fcmae16, tmp_path, no_network, capsys):
+def test_fcmae16_to_timm_loads_in_timm_by_name(fcmae16, tmp_path, no_network, capsys):
     ckpt, x, feats = fcmae16
     dst = tmp_path / "clf.safetensors"
     assert main(["convert", str(ckpt), str(dst), "--num-classes", "5"]) == 0
     out = capsys.readouterr().out
-    assert "patch size 16: stem 2x2" in out and "patch_size=2" in out and "stages[0].downsample" in out
+    assert "patch size 16: stem 2x2" in out and "timm.create_model('convnextv2_atto_s16', in_chans=3" in out
     with safe_open(str(dst), "pt") as f:
         meta = f.metadata()
     assert (meta["patch_size"], meta["stem_stride"], meta["model"]) == ("16", "2", "convnextv2_atto")
-    # what the printed hint says, run verbatim
-    scope = {"timm": timm, "torch": torch, "safetensors": __import__("safetensors.torch")}
+    # what the printed line says, run verbatim (tests/test_load_lines.py: in a fresh process, every layout)
+    scope: dict = {}
     exec(out.split("load: ", 1)[1].strip(), scope)
-    clf = scope["m"].eval()
+    clf = scope["model"].eval()
     with torch.no_grad():
         assert rel_err(clf.forward_features(x), feats) <= 1e-5
     assert clf(x).shape == (2, 5)
@@ -111,7 +111,7 @@ def test_patch8_export_is_timms_own_layout(tmp_path, no_network, capsys):
     torch.save(build_format("fcmae", model, 8), src)
     dst = tmp_path / "p8.safetensors"
     assert main(["convert", str(src), str(dst), "--num-classes", "3"]) == 0
-    assert "timm.create_model('convnextv2_atto', patch_size=1, pretrained=True" in capsys.readouterr().out
+    assert "timm.create_model('convnextv2_atto_s8', in_chans=3, num_classes=3" in capsys.readouterr().out
     clf = timm.create_model("convnextv2_atto", patch_size=1, pretrained=True, num_classes=3,
                             pretrained_cfg_overlay=dict(file=str(dst), num_classes=3)).eval()
     x = torch.randn(1, 3, 32, 32)

@@ -3,11 +3,12 @@
     weights = read_encoder("convnextv2_atto_1k_224_fcmae.pt")          # auto-detects format and size
     info = load_encoder_weights(timm_model, "run/last.pt")              # info.summary(): what starts fresh
     write_timm(weights, "atto.safetensors", num_classes=10)             # loads with timm pretrained_cfg_overlay
+    write_backbone(weights, "encoder", config)                          # timm's features_only / local-dir folder
 """
 from convnextv2.checkpoint.arch import SIZES, Arch, infer_arch
 from convnextv2.checkpoint.convert import (
-    HEAD_INIT_SCALE, EncoderWeights, LoadInfo, fit_shapes, hf_state_dict, load_encoder_weights, read_encoder,
-    timm_classifier_state_dict, timm_load_hint, timm_metadata, timm_shapes, write_hf, write_timm,
+    HEAD_INIT_SCALE, EncoderWeights, LoadInfo, feature_info, fit_shapes, hf_state_dict, load_encoder_weights,
+    read_encoder, timm_classifier_state_dict, timm_metadata, timm_shapes, write_backbone, write_hf, write_timm,
 )
 from convnextv2.checkpoint.detect import FORMATS, Source, detect
 from convnextv2.checkpoint.hf import hf_config, hf_to_timm, timm_to_hf
@@ -20,8 +21,9 @@ from convnextv2.checkpoint.minkowski import minkowski_to_reference, minkowski_to
 from convnextv2.checkpoint.reference import reference_to_timm, timm_to_reference
 
 __all__ = [
-    "SIZES", "Arch", "infer_arch", "HEAD_INIT_SCALE", "EncoderWeights", "LoadInfo", "fit_shapes", "hf_state_dict",
-    "load_encoder_weights", "read_encoder", "timm_classifier_state_dict", "timm_load_hint", "timm_metadata", "timm_shapes", "write_hf", "write_timm",
+    "SIZES", "Arch", "infer_arch", "HEAD_INIT_SCALE", "EncoderWeights", "LoadInfo", "feature_info", "fit_shapes",
+    "hf_state_dict", "load_encoder_weights", "read_encoder", "timm_classifier_state_dict", "timm_metadata",
+    "timm_shapes", "write_backbone", "write_hf", "write_timm",
     "FORMATS", "Source", "detect", "hf_config", "hf_to_timm", "timm_to_hf", "CheckpointError", "atomic_write",
     "load_file", "save_state_dict", "save_torch", "minkowski_bias_to_timm", "minkowski_conv_to_timm",
     "minkowski_dw_to_timm", "timm_bias_to_minkowski", "timm_conv_to_minkowski", "timm_dw_to_minkowski",

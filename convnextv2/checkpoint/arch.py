@@ -10,19 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-# timm's convnextv2_<size> definitions (SPEC §1; `small` is timm's own). conv_mlp: atto..nano build the MLP as 1x1
-# convs, so their mlp.fc weights are (out, in, 1, 1) instead of (out, in).
-SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...], bool]] = {
-    "convnextv2_atto": ((2, 2, 6, 2), (40, 80, 160, 320), True),
-    "convnextv2_femto": ((2, 2, 6, 2), (48, 96, 192, 384), True),
-    "convnextv2_pico": ((2, 2, 6, 2), (64, 128, 256, 512), True),
-    "convnextv2_nano": ((2, 2, 8, 2), (80, 160, 320, 640), True),
-    "convnextv2_tiny": ((3, 3, 9, 3), (96, 192, 384, 768), False),
-    "convnextv2_small": ((3, 3, 27, 3), (96, 192, 384, 768), False),
-    "convnextv2_base": ((3, 3, 27, 3), (128, 256, 512, 1024), False),
-    "convnextv2_large": ((3, 3, 27, 3), (192, 384, 768, 1536), False),
-    "convnextv2_huge": ((3, 3, 27, 3), (352, 704, 1408, 2816), False),
-}
+from convnextv2.timm_names import SIZES, timm_name
 
 
 @dataclass(frozen=True)
@@ -38,6 +26,14 @@ class Arch:
     def patch_size(self) -> int:
         """The total stride = FCMAE's mask patch side: the stem stride times 2 per downsample (32 standard)."""
         return self.stem_stride * 2 ** (len(self.depths) - 1)
+
+    @property
+    def timm_name(self) -> str:
+        """The timm name that builds this layout: `convnextv2_<size>` at patch 32, `..._s16` / `..._s8` at 16 / 8
+        (registered by `import convnextv2`)."""
+        if self.name is None:
+            raise ValueError(f"{self.describe()} matches no timm convnextv2_* model")
+        return timm_name(self.name, self.patch_size)
 
     def describe(self) -> str:
         size = self.name or "a custom ConvNeXt V2"

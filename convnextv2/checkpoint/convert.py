@@ -18,6 +18,7 @@ from torch import nn
 from convnextv2.checkpoint.arch import Arch, arch_by_name, infer_arch
 from convnextv2.checkpoint.detect import FORMATS, Source, detect
 from convnextv2.checkpoint.hf import hf_config, hf_to_timm, timm_to_hf
+from convnextv2.checkpoint.hub import metadata
 from convnextv2.checkpoint.io import CheckpointError, atomic_write, load_file, save_state_dict
 from convnextv2.checkpoint.minkowski import minkowski_to_timm
 from convnextv2.checkpoint.reference import reference_to_timm
@@ -106,7 +107,8 @@ def read_encoder(src: str | os.PathLike | dict | Source, model: str | None = Non
         arch_by_name(model)  # ValueError for an unknown name
         if arch.name != model:
             shapes = timm_shapes(model, 0, arch.in_chans, arch.patch_size)
-            check_shapes(fit_shapes(encoder_part(sd), shapes), shapes, arch, model)
+            check_shapes(fit_shapes(encoder_part(sd), shapes), shapes, arch, model,
+                         f". Use --model {arch.name} (or leave --model out)" if arch.name else "")
     return weights
 
 
@@ -133,16 +135,28 @@ def fit_shapes(sd: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> di
     return out
 
 
-def check_shapes(sd: dict[str, torch.Tensor], shapes: dict[str, torch.Size], arch: Arch, target: str) -> None:
-    """ValueError naming the size the weights imply and up to 5 offending keys, unless every key of sd fits."""
+def check_shapes(sd: dict[str, torch.Tensor], shapes: dict[str, torch.Size], arch: Arch, target: str,
+                 fix: str = "") -> None:
+    """ValueError naming the size the weights imply, up to 5 offending keys and `fix`, unless every key of sd fits."""
     bad = [f"{k} {tuple(v.shape)} vs {tuple(shapes[k])}" for k, v in sd.items() if k in shapes and v.shape != shapes[k]]
     bad += [f"{k} (not in the model)" for k in sd if k not in shapes]
     if bad:
         raise ValueError(
             f"size mismatch: the checkpoint holds {arch.describe()}, but the target is {target}; offending keys "
-            f"(checkpoint vs model): {'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}"
-            + (f". Use --model {arch.name} (or leave --model out)" if arch.name else "")
+            f"(checkpoint vs model): {'; '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}{fix}"
         )
+
+
+def rebuild_hint(arch: Arch, target: Arch) -> str:
+    """What differs between the weights and a model (size, in_chans, patch size) and how to build one they fit."""
+    differs = [f"{what} ({a} vs {b})" for what, a, b in (("size", arch.name, target.name),
+                                                        ("in_chans", arch.in_chans, target.in_chans),
+                                                        ("patch size", arch.patch_size, target.patch_size)) if a != b]
+    if arch.name is None or not differs:
+        return ""
+    after = " after `import convnextv2`" if arch.patch_size != 32 else ""
+    return (f". The checkpoint and the model differ in {' and '.join(differs)}: build the model as "
+            f"timm.create_model({arch.timm_name!r}, in_chans={arch.in_chans}, ...){after}")
 
 
 def fresh_head(shapes: dict[str, torch.Size], head_init_scale: float = HEAD_INIT_SCALE,
@@ -228,7 +242,7 @@ def load_encoder_weights(model: nn.Module, src: str | os.PathLike | dict | Encod
     shapes = {k: v.shape for k, v in target.items()}
     target_arch = infer_arch(target)
     check_shapes(fit_shapes(encoder_part(weights.state_dict), shapes), shapes, weights.arch,
-                 target_arch.describe())
+                 target_arch.describe(), rebuild_hint(weights.arch, target_arch))
     missing_enc = [k for k in shapes if not k.startswith("head.") and k not in weights.state_dict]
     if missing_enc:
         raise ValueError(f"the checkpoint lacks {len(missing_enc)} encoder keys of the model, e.g. {missing_enc[:5]}")
@@ -247,23 +261,6 @@ def timm_metadata(arch: Arch) -> dict[str, str]:
             "stem_stride": str(arch.stem_stride)}
 
 
-def timm_load_hint(name: str, path: str | os.PathLike, num_classes: int, patch_size: int = 32) -> str:
-    """One line of Python that loads an exported timm classifier file in plain timm, offline.
-
-    Patch 32 and 8 are timm's own layouts (`patch_size=4` / `1`). For 16, timm's `patch_size=2` adds a 2x2/2
-    downsample to stage 0 (total stride 32), which our stride-16 model does not have: replace it with Identity.
-    """
-    k, path = num_classes, str(path)
-    overlay = f"pretrained=True, pretrained_cfg_overlay=dict(file={path!r}, num_classes={k}), num_classes={k}"
-    stem = patch_size // 8
-    if stem != 2:
-        return f"timm.create_model({name!r}{'' if stem == 4 else f', patch_size={stem}'}, {overlay})"
-    load = (f"safetensors.torch.load_file({path!r})" if path.endswith(".safetensors")
-            else f"torch.load({path!r}, weights_only=True)")
-    return (f"m = timm.create_model({name!r}, patch_size=2, num_classes={k}); m.stages[0].downsample = "
-            f"torch.nn.Identity(); m.load_state_dict({load})")
-
-
 def write_timm(weights: EncoderWeights, dst: str | os.PathLike, num_classes: int | None = None,
                head_init_scale: float = HEAD_INIT_SCALE, metadata: dict[str, str] | None = None) -> list[str]:
     """Write a timm classifier state_dict (safetensors or torch by suffix) -> the fresh keys. metadata: extra
@@ -271,6 +268,29 @@ def write_timm(weights: EncoderWeights, dst: str | os.PathLike, num_classes: int
     sd, fresh = timm_classifier_state_dict(weights, num_classes, head_init_scale)
     save_state_dict(sd, dst, {**timm_metadata(weights.arch), **(metadata or {})})
     return fresh
+
+
+def feature_info(arch: Arch) -> list[dict[str, Any]]:
+    """timm's `feature_info` of the layout the weights imply: per stage its channels (num_chs), stride (reduction) and
+    module, read off the model itself (built on the meta device: no memory, nothing downloaded)."""
+    with torch.device("meta"):
+        model = create_convnextv2(require_name(arch), arch.patch_size, in_chans=arch.in_chans, num_classes=0)
+    return [dict(info) for info in model.feature_info]
+
+
+def write_backbone(weights: EncoderWeights, dst: str | os.PathLike, config: dict[str, Any]) -> Path:
+    """Write the encoder as timm's num_classes=0 model (no classifier; head.norm kept, from the source or fresh, so that
+    timm loads it strictly) with `config` (hub.timm_backbone_config) -> the weights file. DST.safetensors carries
+    the config in its metadata (DST.pt/.pth: none); a DST without suffix becomes a folder, model.safetensors +
+    config.json, that `timm.create_model("local-dir:DST", pretrained=True, features_only=True)` reads."""
+    sd, _ = timm_classifier_state_dict(weights, num_classes=0)
+    dst = Path(dst)
+    path = dst if dst.suffix else dst / "model.safetensors"
+    if not dst.suffix:
+        dst.mkdir(parents=True, exist_ok=True)
+        write_json(dst / "config.json", config)
+    save_state_dict(sd, path, {**timm_metadata(weights.arch), **(metadata(config) or {})})
+    return path
 
 
 def hf_state_dict(weights: EncoderWeights, num_classes: int | None = None, head_init_scale: float = HEAD_INIT_SCALE,

@@ -20,7 +20,9 @@ METADATA_KEY = "timm_config"
 def timm_hub_config(name: str, num_classes: int, in_chans: int, image_size: int, crop_pct: float,
                     mean: list[float], std: list[float], label_names: list[str] | None = None,
                     interpolation: str = "bicubic") -> dict[str, Any]:
-    """timm's config.json for a classifier evaluated with resize(image_size / crop_pct) + center crop."""
+    """timm's config.json for a classifier evaluated with resize(image_size / crop_pct) + center crop. name: the timm
+    name of the layout (`convnextv2.timm_names.timm_name`: `convnextv2_atto_s16` at patch 16), so that
+    `timm.create_model("local-dir:...")` builds it."""
     cfg: dict[str, Any] = {
         "architecture": name, "num_classes": num_classes, "model_args": {"in_chans": in_chans},
         "pretrained_cfg": {
@@ -32,6 +34,14 @@ def timm_hub_config(name: str, num_classes: int, in_chans: int, image_size: int,
     if label_names is not None:
         cfg["label_names"] = list(label_names)
     return cfg
+
+
+def timm_backbone_config(name: str, in_chans: int, feature_info: list[dict[str, Any]], image_size: int,
+                         mean: list[float], std: list[float]) -> dict[str, Any]:
+    """config.json of a backbone export: timm's num_classes=0 model plus `feature_info` (timm's own list: num_chs,
+    reduction, module per stage), the stage channels and strides a detection / segmentation neck is built for.
+    (timm's hub loader ignores the extra top-level key.)"""
+    return {**timm_hub_config(name, 0, in_chans, image_size, 1.0, mean, std), "feature_info": feature_info}
 
 
 def hf_preprocessor_config(image_size: int, crop_pct: float, mean: list[float], std: list[float]) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""`fcmae convert SRC DST`: any ConvNeXt V2 checkpoint -> a timm classifier, a Hugging Face state_dict, or an FCMAE
-checkpoint with a fresh decoder (to continue pretraining from released weights).
+"""`fcmae convert SRC DST`: any ConvNeXt V2 checkpoint -> a timm classifier, a timm backbone (the encoder for
+detection / segmentation), a Hugging Face state_dict, or an FCMAE checkpoint with a fresh decoder (to continue
+pretraining from released weights).
 
 The reading, detection and format rules live in `convnextv2.checkpoint`, the FCMAE side in fcmae.convert.
 """
@@ -10,13 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from convnextv2.checkpoint import (
-    detect, load_file, read_encoder, save_state_dict, save_torch, timm_classifier_state_dict, timm_load_hint,
-    timm_metadata, write_hf,
+    detect, load_file, read_encoder, save_state_dict, save_torch, timm_classifier_state_dict, timm_metadata, write_hf,
 )
 from convnextv2.checkpoint.convert import require_name
 from convnextv2.checkpoint.hub import metadata
+from convnextv2.timm_names import load_line
 from fcmae.convert import fcmae_checkpoint, fcmae_from_encoder
-from fcmae.export import checkpoint_exports
+from fcmae.export import checkpoint_exports, trained_settings, write_backbone_export
 
 
 def _parts(keys: list[str]) -> str:
@@ -29,13 +30,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Read a ConvNeXt V2 checkpoint in any supported format (this project's FCMAE checkpoints, timm, "
         "the reference repo's dense / pt_only / MinkowskiEngine files, Hugging Face transformers; .pth/.pt or "
         ".safetensors), detect its format and size, and write it as a timm classifier (head.norm/head.fc fresh "
-        "unless the source has them; head init scale 0.001), a Hugging Face ConvNextV2 state_dict, or an FCMAE "
-        "checkpoint with a fresh decoder. Files are only read with weights_only=True or safetensors.",
+        "unless the source has them; head init scale 0.001), a timm backbone (no classifier; with its stage channels "
+        "and strides, for timm's features_only), a Hugging Face ConvNextV2 state_dict, or an FCMAE checkpoint with a "
+        "fresh decoder. Files are only read with weights_only=True or safetensors. Prints the line that loads a timm "
+        "output.",
     )
     p.add_argument("src", help="checkpoint to read")
     p.add_argument("dst", help="file to write: .safetensors (recommended for timm/hf), .pth or .pt; for --to hf a "
-                   "path without suffix writes a from_pretrained folder; --to fcmae needs .pt/.pth")
-    p.add_argument("--to", choices=("timm", "hf", "fcmae"), default="timm", help="output format (default timm)")
+                   "path without suffix writes a from_pretrained folder, for --to backbone a timm local-dir folder; "
+                   "--to fcmae needs .pt/.pth")
+    p.add_argument("--to", choices=("timm", "backbone", "hf", "fcmae"), default="timm",
+                   help="output format (default timm)")
     p.add_argument("--model", default=None, help="expected timm name, e.g. convnextv2_tiny (default: inferred)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="classifier outputs (default: the source's classifier, else 1000; 0 = no classifier)")
@@ -51,6 +56,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"an FCMAE checkpoint is a torch file: name it *.pt or *.pth, not {dst.name}")
     if args.to == "timm" and dst.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
         raise ValueError(f"cannot tell the file type of {dst}: name it *.safetensors (recommended), *.pth or *.pt")
+    if args.to == "backbone" and dst.suffix not in (".safetensors", ".pth", ".pt", ".bin", ""):
+        raise ValueError(f"cannot tell the file type of {dst}: name it *.safetensors (recommended), *.pth or *.pt, "
+                         "or give a folder name without suffix")
+    if args.to == "backbone" and not dst.suffix and dst.exists() and not dst.is_dir():
+        raise ValueError(f"{dst} is a file; --to backbone writes a folder there: give a new folder name or a "
+                         "*.safetensors")
+    if args.to == "backbone" and args.num_classes is not None:
+        raise ValueError("a backbone has no classifier: leave out --num-classes (or use --to timm)")
     if args.num_classes is not None and args.num_classes < 0:
         raise ValueError(f"--num-classes must be >= 0, got {args.num_classes}")
     raw = load_file(args.src)
@@ -72,17 +85,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         save_torch(fcmae_checkpoint(model, model_args), dst)
         print(f"wrote {dst}: FCMAE checkpoint {model_args} (decoder fresh, std .02)")
         return {"weights": weights, "fresh": ["decoder"]}
+    if args.to == "backbone":
+        return write_backbone_export(weights, raw, dst)
+    arch = weights.arch
     if args.to == "timm":
         sd, fresh = timm_classifier_state_dict(weights, args.num_classes)
         k = int(sd["head.fc.weight"].shape[0]) if "head.fc.weight" in sd else 0
         hub = exports[0] if exports and k == exports[0]["num_classes"] else None
-        save_state_dict(sd, dst, {**timm_metadata(weights.arch), **(metadata(hub) or {})})
+        save_state_dict(sd, dst, {**timm_metadata(arch), **(metadata(hub) or {})})
         scale = " (head.fc init scale 0.001)" if "head.fc.weight" in fresh else ""
-        print(f"wrote {dst}: timm {name} state_dict (patch size {weights.arch.patch_size}), {k} classes; fresh: "
+        print(f"wrote {dst}: timm {arch.timm_name} state_dict (patch size {arch.patch_size}), {k} classes; fresh: "
               f"{_parts(fresh)}{scale}" + ("; with its preprocessing and class names (safetensors metadata)"
                                            if hub and dst.suffix == ".safetensors" else ""))
-        # timm re-draws head.fc when num_classes differs from the pretrained_cfg's (1000): say it in the overlay.
-        print(f"  load: {timm_load_hint(name, dst, k, weights.arch.patch_size)}")
+        size = trained_settings(raw, arch.in_chans)[0]
+        print(f"  load: {load_line(name, arch.patch_size, arch.in_chans, str(dst), k, size)}")
     else:
         k = args.num_classes if args.num_classes is not None else (
             int(weights.state_dict["head.fc.weight"].shape[0]) if "head.fc.weight" in weights.state_dict else 1000)

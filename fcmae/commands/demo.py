@@ -1,7 +1,7 @@
 """`fcmae demo`: the whole story on the built-in digits, on CPU: FCMAE pretraining of ConvNeXt V2 atto (16-px mask
-patches: a 4x4 grid at 64 px) on the digits without labels, with a kNN monitor of the encoder; conversion to timm;
-fine-tuning on a small labeled subset; the same fine-tuning from scratch; and a table comparing the two on held-out
-digits that neither pretraining nor fine-tuning has seen.
+patches: a 4x4 grid at 64 px) on the digits without labels, with a kNN monitor of the encoder; conversion to a timm
+backbone; fine-tuning on a small labeled subset; the same fine-tuning from scratch; and a table comparing the two on
+held-out digits that neither pretraining nor fine-tuning has seen.
 
 Each stage is the real command with the demo recipes (configs/pretrain/demo.yaml, configs/finetune/demo.yaml) in a
 fresh run directory: the same engine, checkpoints, metrics and pictures as a real run. --full swaps in the recipe that
@@ -13,6 +13,7 @@ import argparse
 import glob
 import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported where used: `fcmae --help` stays fast
@@ -78,7 +79,8 @@ def demo_configs(args: argparse.Namespace, out: str) -> tuple[PretrainConfig, Fi
 
 
 def run(args: argparse.Namespace) -> dict:
-    from convnextv2.checkpoint import read_encoder, write_timm
+    from convnextv2.checkpoint import detect, load_file, read_encoder
+    from fcmae.export import write_backbone_export
     from fcmae.finetune import finetune
     from fcmae.pretrain import pretrain
 
@@ -92,11 +94,11 @@ def run(args: argparse.Namespace) -> dict:
     print(f"== 1/4 FCMAE pretraining on {what} that are not held out (no labels)", flush=True)
     pre_summary = pretrain(pre_cfg)
     last = os.path.join(pre_cfg.output_dir, "last.pt")
-    print("== 2/4 conversion of the FCMAE checkpoint to timm", flush=True)
-    weights = read_encoder(last)
-    encoder = os.path.join(out, "encoder-timm.safetensors")
-    fresh = write_timm(weights, encoder, num_classes=0)
-    print(f"{last} ({weights.describe()}) -> {encoder}; fresh: {', '.join(sorted(fresh)) or 'nothing'}", flush=True)
+    print("== 2/4 conversion of the FCMAE checkpoint to a timm backbone", flush=True)
+    raw = load_file(last)
+    weights = read_encoder(detect(raw, last))
+    print(f"read {last}: {weights.describe()}")
+    write_backbone_export(weights, raw, Path(out) / "encoder-timm.safetensors")
     print("== 3/4 fine-tuning from the FCMAE encoder", flush=True)
     ft_cfg.model.init = last  # converted on the fly (the same weights as the file above, plus a fresh head)
     pretrained = finetune(ft_cfg)
