@@ -191,7 +191,8 @@ down() {
 status() {
     local name
     for name in munged slurmctld "${NODES[@]/#/slurmd-}"; do
-        if alive "$STATE/$name.pid"; then echo "$name running ($(cat "$STATE/$name.pid"))"; else echo "$name stopped"; fi
+        if alive "$STATE/$name.pid"; then echo "$name running ($(cat "$STATE/$name.pid"))"
+        else echo "$name stopped"; fi
     done
 }
 

@@ -79,10 +79,10 @@ def _unavailable(reason: str):
 
 @contextlib.contextmanager
 def local_slurm(script: Path, what: str) -> Iterator[None]:
-    """Run the tests on the local `what` Slurm `script` starts (scripts/slurm.sh, scripts/slurm-two-nodes.sh). Outside CI the
-    tests skip unless it is up already (`up` installs packages and starts daemons: not something a test run does
-    behind a user's back); with CI set it is started here, and stopped at the end of the session if it was started
-    here (CI's .ci/run starts and stops them itself)."""
+    """Run the tests on the local `what` Slurm `script` starts (scripts/slurm.sh, scripts/slurm-two-nodes.sh).
+    Outside CI the tests skip unless it is up already (`up` installs packages and starts daemons: not something a
+    test run does behind a user's back); with CI set it is started here, and stopped at the end of the session if it
+    was started here (CI's .ci/run starts and stops them itself)."""
     name = script.relative_to(REPO)
     was_up = "slurmctld running" in subprocess.run([script, "status"], capture_output=True, text=True,
                                                    timeout=30).stdout
