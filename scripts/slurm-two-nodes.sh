@@ -80,6 +80,7 @@ network_down() {
         ip netns list | grep -qw "$ns" && ip netns del "$ns"
         rm -rf "/etc/netns/$ns"
     done
+    rmdir /etc/netns 2>/dev/null || true  # when no other namespace uses it
     ip link show "$BRIDGE" >/dev/null 2>&1 && ip link del "$BRIDGE"
     return 0
 }
