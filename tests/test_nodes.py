@@ -2,14 +2,15 @@
 127.0.0.1, gloo on CPU), the way a two-node cluster job starts (LOCAL_RANK 0 on both, RANK 0 and 1).
 
 They run the demo recipes, shortened, as a user would: a pretraining, then a fine-tuning from it. Each is killed
-mid-run by SIGKILL to one node's whole process group (the node hosting rank 1 for the pretraining, rank 0 for the
-fine-tuning), which must fail the job; rerunning both nodes must resume from last.pt and end with the weights of an
+mid-run by SIGKILL to one node's torchrun and its worker at once (the node hosting rank 1 for the pretraining,
+rank 0 for the fine-tuning), which must fail the job; rerunning both nodes must resume from last.pt and end with the weights of an
 uninterrupted single-process run with the same global batch (fp32, reduction-order tolerance), which only holds when
 each rank trained on its own share of every global batch. Python's audit hooks (tests/fcmae_audited.py) record
 every file each process writes: only global rank 0 may write into the run folder.
 
 What one machine cannot show: the nodes share a filesystem here. A node-local output_dir is emulated by giving
-each node its own folder: a rerun where only one node sees last.pt must be refused before anything is written.
+each node its own folder: a rerun where only one node sees last.pt must be refused before data is read or anything
+is written.
 """
 from __future__ import annotations
 
