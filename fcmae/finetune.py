@@ -26,7 +26,7 @@ from fcmae.engine import checkpoint as ckpt_io
 from fcmae.engine.config import check_global_batch
 from fcmae.engine.distributed import DistInfo, cleanup_distributed, init_distributed
 from fcmae.engine.loop import amp_dtype, train
-from fcmae.engine.resume import prepare_resume
+from fcmae.engine.resume import check_same_resume_everywhere, prepare_resume
 from fcmae.engine.seeds import derive_seed
 from fcmae.export import FINETUNE_FORMAT, timm_config
 from fcmae.finetune_config import FinetuneConfig, check_image_size
@@ -274,6 +274,7 @@ def finetune(cfg: FinetuneConfig, on_loss: Callable[[int, torch.Tensor], torch.T
     resume = prepare_resume(cfg.output_dir, cfg.resume, header)  # before data, files and devices
     info = init_distributed(cfg.device)
     try:
+        check_same_resume_everywhere(resume, info)  # before data: every node must see the same checkpoint
         torch.manual_seed(derive_seed(cfg.seed, info.rank))
         task = FinetuneTask(cfg, info, resumed=resume[1] if resume is not None else None)
         if info.is_main:

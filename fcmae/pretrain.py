@@ -17,7 +17,7 @@ from fcmae.data.device import to_device_async
 from fcmae.engine.config import check_global_batch
 from fcmae.engine.distributed import DistInfo, cleanup_distributed, init_distributed
 from fcmae.engine.loop import train
-from fcmae.engine.resume import complete, complete_message, prepare_resume
+from fcmae.engine.resume import check_same_resume_everywhere, complete, complete_message, prepare_resume
 from fcmae.engine.optim import param_groups
 from fcmae.engine.seeds import derive_seed
 from fcmae.masking import random_mask
@@ -174,12 +174,13 @@ class PretrainTask:
 def pretrain(cfg: PretrainConfig, on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Run (or resume) a pretraining; joins/leaves the process group when WORLD_SIZE > 1. Returns the summary."""
     resume = prepare_resume(cfg.output_dir, cfg.resume, checkpoint_header(cfg))  # before data, files and devices
-    if resume is not None and complete(resume[1], cfg.optim.epochs):  # a finished run: no data to load
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(complete_message(cfg.output_dir, resume[1], cfg.optim.epochs), flush=True)
-        return {"epoch": resume[1]["epoch"], "step": resume[1]["step"], "skipped": 0, "complete": True}
     info = init_distributed(cfg.device)
     try:
+        check_same_resume_everywhere(resume, info)  # before data: every node must see the same checkpoint
+        if resume is not None and complete(resume[1], cfg.optim.epochs):  # a finished run: no data to load
+            if info.is_main:
+                print(complete_message(cfg.output_dir, resume[1], cfg.optim.epochs), flush=True)
+            return {"epoch": resume[1]["epoch"], "step": resume[1]["step"], "skipped": 0, "complete": True}
         torch.manual_seed(derive_seed(cfg.seed, info.rank))  # per-rank seed for anything not derived explicitly
         task = PretrainTask(cfg, info, resuming=resume is not None)
         if info.is_main:

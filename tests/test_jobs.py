@@ -1,6 +1,6 @@
-"""`fcmae submit` (jobs/): the debug and local executors, and a real single-node Slurm started by
-scripts/slurm.sh (as root; CI runs it). Every wait has a deadline; the daemons this module starts are stopped at the
-end of the session, failed tests or not.
+"""`fcmae submit` (jobs/): the debug and local executors, a real single-node Slurm started by scripts/slurm.sh and
+a real two-node one started by scripts/slurm-two-nodes.sh (as root; CI runs them). Every wait has a deadline; the
+daemons this module starts are stopped at the end of the session, failed tests or not.
 
 The Slurm + submitit + requeue plumbing is exercised with tests/jobs_standin.py (a few deterministic distributed
 steps, checkpointed every step); the real `fcmae pretrain` runs through the same path in the pretrain tests.
@@ -8,11 +8,13 @@ steps, checkpointed every step); the real `fcmae pretrain` runs through the same
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -75,33 +77,50 @@ def _unavailable(reason: str):
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="session")
-def slurm() -> str:
-    """A running single-node Slurm from scripts/slurm.sh (partitions low and high). Outside CI the tests skip
-    unless one is up already (`scripts/slurm.sh up` installs packages and starts daemons: not something a test run
-    does behind a user's back); with CI set this fixture starts it, and stops it at the end of the session if it
-    started it (CI's .ci/run starts and stops it itself)."""
-    script = REPO / "scripts" / "slurm.sh"
+@contextlib.contextmanager
+def local_slurm(script: Path, what: str) -> Iterator[None]:
+    """Run the tests on the local `what` Slurm `script` starts (scripts/slurm.sh, scripts/slurm-two-nodes.sh).
+    Outside CI the tests skip unless it is up already (`up` installs packages and starts daemons: not something a
+    test run does behind a user's back); with CI set it is started here, and stopped at the end of the session if it
+    was started here (CI's .ci/run starts and stops them itself)."""
+    name = script.relative_to(REPO)
     was_up = "slurmctld running" in subprocess.run([script, "status"], capture_output=True, text=True,
                                                    timeout=30).stdout
     if not was_up and not IN_CI:
-        pytest.skip("no Slurm running: start the local one with `sudo scripts/slurm.sh up` (CI=true starts it)")
+        pytest.skip(f"no {what} Slurm running: start the local one with `sudo {name} up` (CI=true starts it)")
     if os.geteuid() != 0:
-        _unavailable("starting Slurm needs root (scripts/slurm.sh up)")
-    conf = Path("/etc/slurm/slurm.conf")
-    if conf.exists() and "written by fcmae scripts/slurm.sh" not in conf.read_text():
-        _unavailable("a Slurm not set up by scripts/slurm.sh is configured here; not submitting test jobs to it")
+        _unavailable(f"starting Slurm needs root ({name} up)")
     try:
         up = subprocess.run([script, "up"], capture_output=True, text=True, timeout=600)
     except subprocess.TimeoutExpired:
         up = None
     try:
         if up is None or up.returncode != 0:
-            _unavailable(f"scripts/slurm.sh up failed: {up.stderr[-2000:] if up else 'timed out after 600 s'}")
-        yield "low"
+            _unavailable(f"{name} up failed: {up.stderr[-2000:] if up else 'timed out after 600 s'}")
+        yield
     finally:
         if not was_up:
             subprocess.run([script, "down"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def slurm() -> str:
+    """A running single-node Slurm from scripts/slurm.sh (partitions low and high): the partition to use."""
+    conf = Path("/etc/slurm/slurm.conf")
+    if conf.exists() and "written by fcmae scripts/slurm.sh" not in conf.read_text():
+        _unavailable("a Slurm not set up by scripts/slurm.sh is configured here; not submitting test jobs to it")
+    with local_slurm(REPO / "scripts" / "slurm.sh", "single-node"):
+        yield "low"
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes() -> str:
+    """A running two-node Slurm from scripts/slurm-two-nodes.sh (nodes fcmae-n1, fcmae-n2 in network namespaces of
+    their own, partition `two`): its SLURM_CONF, which clients need to reach it rather than the single-node one."""
+    script = REPO / "scripts" / "slurm-two-nodes.sh"
+    with local_slurm(script, "two-node"):
+        yield subprocess.run([script, "env"], capture_output=True, text=True, timeout=30,
+                             check=True).stdout.strip().split("=", 1)[1]
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -428,3 +447,27 @@ def test_local_pretrain_job(job_env, tmp_path):
     wait_done(job, JOB_TIMEOUT_S * 2)
     assert job.results() == [0, 0], tail(job.paths.stderr)
     assert model_state(tmp_path / "job" / "last.pt")
+
+
+def test_slurm_two_nodes_preempted_resumes_to_the_same_weights(slurm_two_nodes, pretrained, job_env, tmp_path,
+                                                               monkeypatch):
+    """`fcmae submit --nodes 2` on two real slurmd, each node a network namespace with its own address and hostname:
+    one task per node (LOCAL_RANK 0 on both), rendezvous on the first node; preempted (SIGUSR2) after its first
+    checkpoint, requeued on both nodes, resumed, and ends with the weights of the one-node, two-task job."""
+    monkeypatch.setenv("SLURM_CONF", slurm_two_nodes)
+    job_dir = tmp_path / "job"
+    job = submit(pretrain_argv(job_dir, "--partition", "two", "--nodes", "2", "--timeout-min", "30"),
+                 entry="fcmae.cli:main")
+    wait_for(lambda: (job_dir / "last.pt").exists(), "the first checkpoint", job=job)
+    subprocess.run(["scancel", "--signal=USR2", job.job_id], timeout=30, check=True)
+    wait_done(job, JOB_TIMEOUT_S * 2)
+    assert job.results() == [0, 0], tail(job.paths.stderr)
+    log, log1 = job.paths.stdout.read_text(), job.task(1).paths.stdout.read_text()
+    assert "hostname=fcmae-n1, local_rank=0(1), node=0(2), global_rank=0(2)" in log
+    assert "hostname=fcmae-n2, local_rank=0(1), node=1(2), global_rank=1(2)" in log1
+    assert "rendezvous fcmae-n1:" in log and "world size 2" in log and "requeuing (requeue 1" in log
+    assert f"resumes from {job_dir / 'last.pt'}" in log
+    ref, got = model_state(pretrained / "last.pt"), model_state(job_dir / "last.pt")
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert torch.equal(ref[k], got[k]), k

@@ -8,9 +8,13 @@ decoder, run kind) must agree; everything else (epochs, logging, lr) may change 
 from __future__ import annotations
 
 import os
+import socket
 from typing import Any
 
+import torch.distributed as dist
+
 from fcmae.engine import checkpoint as ckpt_io
+from fcmae.engine.distributed import DistInfo
 
 TRAINING_KEYS = ("model", "optimizer", "epoch", "step")
 KINDS = {"fcmae": "an FCMAE pretraining", "fcmae-finetune": "a fine-tuning"}
@@ -69,6 +73,28 @@ def prepare_resume(output_dir: str, resume: str | None, header: dict[str, Any]) 
     state = read_training_checkpoint(path, explicit=bool(resume))
     check_same_run(state, header, path, explicit=bool(resume))
     return path, state
+
+
+def check_same_resume_everywhere(resume: tuple[str, dict[str, Any]] | None, info: DistInfo) -> None:
+    """ValueError (the same line on every process) unless every process found the same checkpoint to resume from.
+
+    Each process reads the checkpoint itself, so on several nodes `output_dir` (and `resume=`) must be on a filesystem
+    every node sees: on a node-local disk, a rerun finds last.pt on the first node only and the other nodes would
+    start afresh with the optimizer state and counters of a new run. A collective: every process must call it.
+    """
+    if not info.distributed:
+        return
+    mine = (socket.gethostname(), *((resume[0], int(resume[1]["step"])) if resume is not None else ()))
+    views: list[Any] = [None] * info.world_size
+    dist.all_gather_object(views, mine)
+    if len({view[1:] for view in views}) == 1:
+        return
+    said = {}  # each distinct view, with the first process that has it
+    for rank, (host, *found) in enumerate(views):
+        said.setdefault(tuple(found), f"process {rank} (on {host}) " + (
+            f"resumes from step {found[1]} of {found[0]}" if found else "finds no checkpoint and would start afresh"))
+    raise ValueError(f"the {info.world_size} processes disagree on where to resume ({'; '.join(said.values())}): "
+                     "output_dir (and resume=) must be on a filesystem every node sees, not a node-local disk")
 
 
 def complete(state: dict[str, Any], epochs: int) -> bool:
