@@ -16,6 +16,7 @@ from convnextv2.checkpoint import (
 from convnextv2.checkpoint.convert import require_name
 from convnextv2.checkpoint.hub import metadata
 from fcmae.convert import fcmae_checkpoint, fcmae_from_encoder
+from fcmae.engine.config import check_writable_dir, check_writable_file
 from fcmae.export import checkpoint_exports
 
 
@@ -53,6 +54,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"cannot tell the file type of {dst}: name it *.safetensors (recommended), *.pth or *.pt")
     if args.num_classes is not None and args.num_classes < 0:
         raise ValueError(f"--num-classes must be >= 0, got {args.num_classes}")
+    if args.to == "hf" and not dst.suffix:  # a from_pretrained folder
+        check_writable_dir(args.dst, "DST")
+    else:
+        check_writable_file(args.dst, "DST")
     raw = load_file(args.src)
     if args.ema:
         if not (isinstance(raw, dict) and isinstance(raw.get("ema"), dict)):
