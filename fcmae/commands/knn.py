@@ -72,9 +72,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from fcmae.finetune import encoder_from_checkpoint
     from fcmae.knn import check_neighbours, knn_probe, probe_splits
 
+    given = user_config(args.config, args.overrides)  # a bad file or key fails before the checkpoint is read
     if not os.path.isfile(args.ckpt):
         raise ValueError(f"checkpoint {args.ckpt!r} is not a file")
-    given = user_config(args.config, args.overrides)  # a bad file or key fails before the checkpoint is read
     raw = load_file(args.ckpt)
     trained = inherit_data(checkpoint_data(raw), given.get("data") or {})
     cfg = config_from(KnnConfig, merge({"data": trained}, given), args.overrides)
