@@ -55,4 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:  # a diverged run: the last good checkpoint is kept, the message says what to do
         print(f"fcmae {args.command}: stopped: {e}", file=sys.stderr)
         return 3
+    except OSError as e:  # the file system refused (read-only, full, gone): one line naming the file, no traceback
+        print(f"fcmae {args.command}: error: {e}", file=sys.stderr)
+        return 1
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import types
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -36,6 +37,10 @@ def _yaml_error(e: yaml.YAMLError, where: str) -> ValueError:
     return ValueError(f"{where} is not valid YAML ({problem}{at}); fix the syntax (quote values holding [ ] {{ }} : #)")
 
 
+class NotFiniteError(ValueError):
+    """A float key given NaN or an infinity (a type error, whichever other types the key allows)."""
+
+
 def _coerce(value: Any, tp: Any, key: str, raw: dict[str, str] | None = None) -> Any:
     """Check `value` against the annotation `tp` (int, float, bool, str, Literal, Optional, list/tuple, dataclass).
 
@@ -56,12 +61,13 @@ def _coerce(value: Any, tp: Any, key: str, raw: dict[str, str] | None = None) ->
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
                 return _coerce(value, arg, key, raw)
-            except ValueError as e:
-                errors.append(str(e))
+            except NotFiniteError:
+                raise
+            except ValueError:
+                pass
         raise ValueError(f"config key {key!r} = {value!r} has the wrong type; expected {_type_name(tp)}"
                          + (_quote_hint(key, value) if str in args else ""))
     if origin in (list, tuple):
@@ -81,15 +87,22 @@ def _coerce(value: Any, tp: Any, key: str, raw: dict[str, str] | None = None) ->
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -2**63 <= value < 2**63:  # every int key ends up in torch / numpy, which hold 64 bits
+                raise ValueError(f"config key {key!r} = {value} does not fit in 64 bits; give a smaller number")
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            if not math.isfinite(number):  # .inf / .nan / 1e999: no key means anything by them
+                raise NotFiniteError(f"config key {key!r} = {value!r} is not a finite number; give a finite value")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -111,7 +124,7 @@ def _quote_hint(key: str, value: Any) -> str:
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", raw: dict[str, str] | None = None) -> T:
     """Build dataclass `cls` from a nested dict; missing keys keep their defaults. raw: see `_coerce`."""
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted((str(k) for k in data if k not in fields))  # YAML keys may be numbers, booleans, null
     if unknown:
         raise ValueError(
             f"unknown config key {prefix + unknown[0]!r}; valid keys{' in ' + prefix[:-1] if prefix else ''}: "
@@ -162,28 +175,57 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
-    """Schema defaults <- YAML file <- overrides, type-checked, then `cfg.check()` if the schema defines it."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise ValueError(f"config file {str(path)!r} does not exist; pass an existing YAML file to --config")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f)
-            except yaml.YAMLError as e:
-                raise _yaml_error(e, f"config file {str(path)!r}") from None
-        data = {} if data is None else data
-        if not isinstance(data, dict):
-            raise ValueError(f"config file {str(path)!r} must hold a mapping of keys (key: value lines), got "
-                             f"{type(data).__name__} {data!r}")
-    data = merge(data, parse_overrides(overrides or []))
-    raw = {key.strip(): text.strip() for key, sep, text in (o.partition("=") for o in overrides or []) if sep}
-    cfg = from_dict(cls, data, raw=raw)
+class NotSetError(ValueError):
+    """A key the user must still give (a recipe leaves `data.path` open). Schemas raise it after every other check,
+    so `--print-config` can show such a config, while any other problem refuses it."""
+
+
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The mapping of a YAML config file; ValueError (one line: the file, the problem, the fix) for anything else."""
+    where = f"config file {str(path)!r}"
+    if not os.path.isfile(path):
+        raise ValueError(f"{where} does not exist; pass an existing YAML file to --config")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{where} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); save it "
+                         "as UTF-8, the encoding YAML files use") from None
+    except yaml.YAMLError as e:
+        raise _yaml_error(e, where) from None
+    except OSError as e:
+        raise ValueError(f"cannot read {where} ({e.strerror}); check its permissions") from None
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} must hold a mapping of keys (key: value lines), got {type(data).__name__} "
+                         f"{data!r:.80}")
+    return data
+
+
+def user_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """What the user gave: the YAML file (if any) with the `key=value` overrides merged over it, as nested dicts."""
+    data = read_config_file(path) if path is not None else {}
+    return merge(data, parse_overrides(overrides or []))
+
+
+def override_text(overrides: list[str] | None) -> dict[str, str]:
+    """Dotted key -> the text of its command-line override (a str key takes it as written: see `_coerce`)."""
+    return {key.strip(): text.strip() for key, sep, text in (o.partition("=") for o in overrides or []) if sep}
+
+
+def config_from(cls: type[T], data: dict[str, Any], overrides: list[str] | None = None) -> T:
+    """`cls` from nested dicts (`overrides`: the command-line items they include), type-checked, then
+    `cfg.check()` if the schema defines it."""
+    cfg = from_dict(cls, data, raw=override_text(overrides))
     check = getattr(cfg, "check", None)
     if callable(check):
         check()
     return cfg
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
+    """Schema defaults <- YAML file <- overrides, type-checked, then `cfg.check()` if the schema defines it."""
+    return config_from(cls, user_config(path, overrides), overrides)
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
@@ -223,22 +265,16 @@ def _show(value: Any) -> str:
 
 def describe_config(cls: type, path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> str:
     """The resolved config as a table (`--print-config`): every key, its value, the schema's default, and where the
-    value comes from (default | recipe | override). Unknown keys and wrong types fail as in `load_config`; what the
-    schema's `check()` rejects (e.g. data.path not set yet in a recipe) is printed as a last comment line."""
-    given = {}
-    if path is not None:
-        with open(path) as f:
-            given = yaml.safe_load(f) or {}
-        if not isinstance(given, dict):
-            load_config(cls, path, overrides)  # raises its message for a file that is not a mapping
-    cfg = from_dict(cls, merge(given, parse_overrides(overrides or [])))
-    given, over = _flat(given), _flat(parse_overrides(overrides or []))
-    problem, check = "", getattr(cfg, "check", None)
-    if callable(check):
-        try:
-            check()
-        except ValueError as e:
-            problem = f"# not runnable as is: {e}"
+    value comes from (default | recipe | override). Everything the run refuses is refused here, with the same
+    message, except a key still to be given (`NotSetError`, e.g. data.path in a recipe): printed as a last line."""
+    given = read_config_file(path) if path is not None else {}
+    over = parse_overrides(overrides or [])
+    problem = ""
+    try:
+        cfg = config_from(cls, merge(given, over), overrides)
+    except NotSetError as e:
+        cfg, problem = from_dict(cls, merge(given, over), raw=override_text(overrides)), f"# not runnable as is: {e}"
+    given, over = _flat(given), _flat(over)
     values, defaults = _flat(to_dict(cfg)), _flat(to_dict(cls()))
     width = max(len(k) for k in values) + 2
     rows = [(k, _show(v), _show(defaults.get(k)), "override" if k in over else "recipe" if k in given else "default")

@@ -12,10 +12,11 @@ from typing import Any, Literal
 
 import torch
 
-from convnextv2.encoder import PATCH_SIZES, encoder_patch_size
+from convnextv2.encoder import encoder_patch_size
 from fcmae.data.folder import ImageFiles, imagefolder_samples, is_imagefolder
 from fcmae.data.labeled import DIGIT_CLASSES, build_splits, eval_transform, normalization, val_samples
 from fcmae.engine.distributed import cleanup_distributed, init_distributed
+from fcmae.config import NotSetError
 from fcmae.finetune_config import FinetuneDataConfig, check_image_size
 from fcmae.metrics import ClassificationMeter
 
@@ -32,11 +33,10 @@ class EvalConfig:
 
     def check(self) -> None:
         d = self.data
+        d.check()  # every value (the image size against the smallest patch size: the model's own is in `evaluate`)
         if d.format != "digits" and not (d.path or d.val_path):
-            raise ValueError("data.path is not set; give the val ImageFolder (or a root with val/), or data.val_path")
-        check_image_size(d.image_size, min(PATCH_SIZES))  # the model's own patch size: in `evaluate`
-        if not 0 < d.crop_pct <= 1:
-            raise ValueError(f"data.crop_pct must be in (0, 1], got {d.crop_pct}")
+            raise NotSetError("data.path is not set; give the val ImageFolder (or a root with val/), or "
+                              "data.val_path")
 
 
 def load_classifier(path: str, ema: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -137,8 +137,17 @@ def knn_probe(encoder: nn.Module, train: Dataset, val: Dataset, num_classes: int
             encoder, probe_loader(val, batch_size, num_workers, device), device, dtype)
     if len(tr) == 0 or len(va) == 0:
         raise ValueError("the kNN probe's train or val split has no readable image")
+    check_neighbours(k, len(tr), "readable ")
     top1 = knn_top1(tr.to(device), tr_labels, va.to(device), va_labels, num_classes, k, temperature)
     return ProbeResult(top1, len(tr), len(va), tr_skip + va_skip, time.time() - t0)
+
+
+def check_neighbours(k: int, reference: int, what: str = "", key: str = "k") -> None:
+    """ValueError when k neighbours cannot be found among `reference` train images (every one would vote, whatever
+    its distance: not the probe's protocol)."""
+    if k > reference:
+        raise ValueError(f"{key}={k} is more neighbours than the {reference} {what}reference (train) images; lower "
+                         f"{key} (at most {reference}; 20 is usual) or give more labeled images")
 
 
 def probe_splits(data_cfg, in_chans: int):

@@ -14,6 +14,7 @@ from torch import nn
 
 from convnextv2 import visible_patches
 from fcmae.data.device import to_device_async
+from fcmae.engine import checkpoint as ckpt_io
 from fcmae.engine.config import check_global_batch
 from fcmae.engine.distributed import DistInfo, cleanup_distributed, init_distributed
 from fcmae.engine.loop import train
@@ -129,12 +130,13 @@ class PretrainTask:
     # --- the kNN monitor (rank 0; SPEC §6) ------------------------------------------------------------------------
     def monitor_splits(self):
         """The monitor's labeled splits (eval transform on both), built now so a bad monitor.data fails early."""
-        from fcmae.knn import probe_splits
+        from fcmae.knn import check_neighbours, probe_splits
 
         try:
             splits = probe_splits(self.cfg.monitor.data, self.cfg.model.in_chans)
         except ValueError as e:  # the keys live under monitor.data
             raise ValueError(str(e).replace("data.", "monitor.data.")) from None
+        check_neighbours(self.cfg.monitor.k, len(splits.train), key="monitor.k")
         return splits
 
     def knn(self) -> dict[str, float]:
@@ -179,6 +181,7 @@ def pretrain(cfg: PretrainConfig, on_loss: Callable[[int, torch.Tensor], torch.T
         check_same_resume_everywhere(resume, info)  # before data: every node must see the same checkpoint
         if resume is not None and complete(resume[1], cfg.optim.epochs):  # a finished run: no data to load
             if info.is_main:
+                ckpt_io.remove_stale_temps(cfg.output_dir)  # what a process killed mid-write left: never resumed from
                 print(complete_message(cfg.output_dir, resume[1], cfg.optim.epochs), flush=True)
             return {"epoch": resume[1]["epoch"], "step": resume[1]["step"], "skipped": 0, "complete": True}
         torch.manual_seed(derive_seed(cfg.seed, info.rank))  # per-rank seed for anything not derived explicitly

@@ -8,8 +8,11 @@ from typing import Literal, Optional
 
 from convnextv2.backends import BACKENDS
 from convnextv2.encoder import MODEL_NAMES, stem_stride
-from fcmae.engine.config import RunConfig, check_global_batch, world_size_from_env
-from fcmae.finetune_config import FinetuneDataConfig
+from fcmae.config import NotSetError
+from fcmae.engine.config import RunConfig, check_at_most, check_global_batch, world_size_from_env
+from fcmae.finetune_config import (
+    MAX_CHANNELS, MAX_IMAGE_SIZE, MAX_WORKERS, FinetuneDataConfig, check_digits_path, check_stats,
+)
 from fcmae.masking import num_visible
 
 
@@ -33,12 +36,21 @@ class ModelConfig:
         stem_stride(self.patch_size, key="model.patch_size")
         if self.backend not in BACKENDS:
             raise ValueError(f"model.backend={self.backend!r} is not valid; choose one of: {', '.join(sorted(BACKENDS))}")
+        if self.backend == "minkowski":  # an optional library: its absence is a config error, found now
+            from convnextv2.backends.minkowski import import_minkowski
+            try:
+                import_minkowski()
+            except ImportError as e:
+                raise ValueError(f"model.backend=minkowski: {e}; or use model.backend=packed") from None
         if self.in_chans < 1:
             raise ValueError(f"model.in_chans must be >= 1, got {self.in_chans}")
+        check_at_most("model.in_chans", self.in_chans, MAX_CHANNELS, "input channels")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"model.mask_ratio must be in (0, 1) (0.6 recommended), got {self.mask_ratio}")
         if self.decoder_dim < 1 or self.decoder_depth < 0:
             raise ValueError("model.decoder_dim must be >= 1 and model.decoder_depth >= 0")
+        check_at_most("model.decoder_dim", self.decoder_dim, 8192, "decoder width; 512 in the paper")
+        check_at_most("model.decoder_depth", self.decoder_depth, 64, "decoder blocks; 1 in the paper")
 
 
 @dataclass
@@ -58,17 +70,23 @@ class DataConfig:
     digits_holdout: int = 0  # digits: leave out the N held-out digits fine-tuning evaluates on (its data.digits_val)
 
     def check(self) -> None:
-        if self.format != "digits" and not self.path:
-            raise ValueError("data.path is not set; give an image folder, ImageFolder root or shard pattern "
-                             "(or data.format=digits for the built-in demo set)")
+        """Every value; a dataset still to be named is `check_path`'s (run last)."""
+        check_digits_path(self.format, {"path": self.path})
+        check_stats(self.mean, self.std)
         if self.num_workers < 0 or self.batch_size < 1:
             raise ValueError("data.num_workers must be >= 0 and data.batch_size >= 1")
+        check_at_most("data.num_workers", self.num_workers, MAX_WORKERS, "DataLoader processes")
         if not 0 < self.min_scale <= 1 or not 0 <= self.hflip <= 1:
             raise ValueError("data.min_scale must be in (0, 1] and data.hflip in [0, 1]")
         if not 0 <= self.digits_holdout <= 1000:
             raise ValueError(f"data.digits_holdout must be in [0, 1000] (of the 1797 digits), got {self.digits_holdout}")
         if self.shuffle_buffer < 1 or (self.num_samples is not None and self.num_samples < 1):
             raise ValueError("data.shuffle_buffer and data.num_samples must be >= 1")
+
+    def check_path(self) -> None:
+        if self.format != "digits" and not self.path:
+            raise NotSetError("data.path is not set; give an image folder, ImageFolder root or shard pattern "
+                              "(or data.format=digits for the built-in demo set)")
 
 
 @dataclass
@@ -87,10 +105,19 @@ class MonitorConfig:
         if self.k < 1 or self.temperature <= 0:
             raise ValueError(f"monitor.k must be >= 1 and monitor.temperature > 0, got {self.k}, {self.temperature}")
         if self.every_epochs:
-            try:
-                self.data.check()
-            except ValueError as e:  # name the section: these keys live under monitor.data
-                raise ValueError(str(e).replace("data.", "monitor.data.")) from None
+            self.in_section(self.data.check)
+
+    def check_path(self) -> None:
+        if self.every_epochs:
+            self.in_section(self.data.check_path)
+
+    @staticmethod
+    def in_section(check) -> None:
+        """Run a `data` check, naming the keys where they live (monitor.data.*); the error keeps its class."""
+        try:
+            check()
+        except ValueError as e:
+            raise type(e)(str(e).replace("data.", "monitor.data.")) from None
 
 
 @dataclass
@@ -108,6 +135,7 @@ class PretrainConfig(RunConfig):
         if self.data.image_size < p or self.data.image_size % p:
             raise ValueError(f"data.image_size={self.data.image_size} must be a positive multiple of {p}, the mask patch "
                              f"size model.patch_size (e.g. {max(p, self.data.image_size // p * p)}); change one of them")
+        check_at_most("data.image_size", self.data.image_size, MAX_IMAGE_SIZE, "pixels per side")
         for key, stats in (("data.mean", self.data.mean), ("data.std", self.data.std)):
             if stats is not None and len(stats) != self.model.in_chans:
                 raise ValueError(f"{key} has {len(stats)} values but model.in_chans={self.model.in_chans}")
@@ -117,6 +145,9 @@ class PretrainConfig(RunConfig):
         if m.init != "none" and not os.path.isfile(m.init) and not self.resuming():
             raise ValueError(f"model.init={m.init!r} is not a file; give a checkpoint (fcmae convert reads its format) "
                              "or 'none'")
+        self.optim.check_min_lr(self.data.batch_size)
+        self.data.check_path()
+        self.monitor.check_path()
 
     def patch(self) -> int:
         """Side of a mask patch in pixels (the encoder's total stride): the one place the patch grid comes from."""

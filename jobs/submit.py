@@ -67,6 +67,10 @@ class Resources:
             raise ValueError(f"--cluster {self.cluster} runs on this machine only: use --nodes 1 or --cluster slurm")
         if self.cluster == "debug" and self.tasks > 1:
             raise ValueError("--cluster debug runs one process (this one): use --cluster local for several tasks")
+
+    def check_scheduler(self) -> None:
+        """ValueError unless the cluster's tools are here (checked after the options and the command's config, so
+        a bad config is reported first, on any machine)."""
         missing = [exe for exe in ("sbatch", "srun") if shutil.which(exe) is None]  # submitit needs both
         if self.cluster == "slurm" and missing:
             raise ValueError(f"{' and '.join(missing)} not found on PATH: submit from a Slurm login node, or use "
@@ -76,6 +80,7 @@ class Resources:
 def make_executor(job_dir: Path, res: Resources) -> submitit.AutoExecutor:
     """AutoExecutor writing its scripts, pickles and logs to `job_dir/logs`."""
     res.validate()
+    res.check_scheduler()
     executor = submitit.AutoExecutor(folder=job_dir / "logs", cluster=res.cluster,
                                      slurm_max_num_timeout=res.max_requeues)
     slurm = {"partition": res.partition, "account": res.account, "qos": res.qos, "constraint": res.constraint,

@@ -47,6 +47,11 @@ def encoder(request, tmp_path_factory):
     return model, str(path)
 
 
+def patch_size(model) -> int:
+    """The encoder's total stride: 8 x its stem stride (32 for the standard 4x4 stem)."""
+    return 8 * model.stem[0].stride[0]
+
+
 def oracle(model, path, size):
     """Independent of fcmae: PIL -> RGB, resize short side, center crop, ImageNet normalise, timm forward, mean."""
     tf = T.Compose([T.Resize(size, interpolation=InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
@@ -58,8 +63,9 @@ def oracle(model, path, size):
 
 def test_embed_rows_are_pooled_features_in_file_order(folder, encoder, tmp_path, capsys):
     model, ckpt = encoder
+    size = 3 * patch_size(model)  # 96, or 48 with the 2x2 stem: a multiple of the checkpoint's patch, not of 32
     out = tmp_path / "out" / "emb.safetensors"  # the folder does not exist yet: created
-    assert main(["embed", str(folder), "--checkpoint", ckpt, "--out", str(out), "--image-size", "64",
+    assert main(["embed", str(folder), "--checkpoint", ckpt, "--out", str(out), "--image-size", str(size),
                  "--batch-size", "2", "--num-workers", "0", "--device", "cpu", "--no-progress"]) == 0
     listing = json.loads((tmp_path / "out" / "emb.files.json").read_text())
     assert listing["files"] == ["z.jpg", "a/img.jpg", "a/wide.png", "b/deep/grey.png"]  # os.walk, sorted per folder
@@ -69,14 +75,14 @@ def test_embed_rows_are_pooled_features_in_file_order(folder, encoder, tmp_path,
         assert f.metadata()["normalized"] == "false"
     assert emb.dtype == torch.float32 and emb.shape == (4, 320)
     for row, name in zip(emb, listing["files"]):
-        want = oracle(model, folder / name, 64)
+        want = oracle(model, folder / name, size)
         assert torch.allclose(row, want, atol=1e-5, rtol=1e-4), name
     assert "1 unreadable skipped" in capsys.readouterr().out
     assert [p for p in os.listdir(tmp_path / "out") if p.endswith(".tmp")] == []
 
     # --normalize and .npy: the same rows, L2-normalised
     npy = tmp_path / "emb.npy"
-    assert main(["embed", str(folder), "--checkpoint", ckpt, "--out", str(npy), "--image-size", "64",
+    assert main(["embed", str(folder), "--checkpoint", ckpt, "--out", str(npy), "--image-size", str(size),
                  "--num-workers", "0", "--device", "cpu", "--normalize", "--no-progress"]) == 0
     unit = torch.from_numpy(np.load(npy))
     assert torch.allclose(unit.norm(dim=1), torch.ones(4), atol=1e-5)
@@ -97,7 +103,7 @@ def test_embed_with_workers_equals_in_process(folder, encoder, tmp_path):
 
 
 def test_embed_errors_before_the_model_runs(folder, encoder, tmp_path, capsys, monkeypatch):
-    _, ckpt = encoder
+    model, ckpt = encoder
     import fcmae.commands.embed
 
     def never(*a, **k):
@@ -116,7 +122,8 @@ def test_embed_errors_before_the_model_runs(folder, encoder, tmp_path, capsys, m
         ([str(folder), "--checkpoint", str(tmp_path / "bad.pt"), "--out", out], "is not a checkpoint"),
         ([str(folder), "--checkpoint", ckpt, "--out", str(tmp_path / "e.txt")], "*.safetensors or *.npy"),
         ([str(folder), "--checkpoint", ckpt, "--out", str(tmp_path / "afile" / "e.npy")], "not a writable folder"),
-        ([str(folder), "--checkpoint", ckpt, "--out", out, "--image-size", "50"], "multiple of 32"),
+        ([str(folder), "--checkpoint", ckpt, "--out", out, "--image-size", "50"],
+         f"multiple of {patch_size(model)}, the checkpoint's patch size"),
     ]
     (tmp_path / "adir.npy").mkdir()
     cases.append(([str(folder), "--checkpoint", ckpt, "--out", str(tmp_path / "adir.npy")], "is a folder"))

@@ -236,6 +236,7 @@ def test_bad_input_fails_before_submitting(fcmae_commands, tmp_path, capsys, arg
 @pytest.mark.parametrize("argv, message", [
     (["optim.epochz=1"], "unknown config key 'optim.epochz'"),
     (["model.mask_ratio=1.5"], "model.mask_ratio must be in (0, 1)"),
+    (["optim.lr=.nan"], "'optim.lr' = nan is not a finite number"),
     # the job's world size (3 tasks), not this process's (1), decides whether the global batch splits
     (["--tasks-per-node", "3", "data.batch_size=64"], "divisible by processes x optim.accum_steps = 3 x 1"),
 ])
@@ -244,6 +245,22 @@ def test_submit_checks_the_config_as_the_command_would(fcmae_commands, tmp_path,
     code = main(["submit", "pretrain", "--config", "demo", "--job-dir", str(job_dir), "--cluster", "local", *argv])
     err = capsys.readouterr().err.strip()
     assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not job_dir.exists()
+
+
+def test_submit_without_slurm_reports_the_config_error_first(fcmae_commands, tmp_path, capsys, monkeypatch):
+    """No sbatch here: a bad config is still the line the user sees (it would fail on the cluster too); a good one
+    gets the missing-Slurm line."""
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    job_dir = tmp_path / "job"
+    base = ["submit", "pretrain", "--config", "demo", "--job-dir", str(job_dir)]
+    assert main([*base, "optim.epochz=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown config key 'optim.epochz'" in err, err
+    assert main(base) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sbatch and srun not found on PATH" in err, err
     assert not job_dir.exists()
 
 

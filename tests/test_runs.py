@@ -97,12 +97,14 @@ def test_rerun_of_finished_run_says_complete_then_extends(finished, folder, tmp_
     import shutil
     shutil.copytree(finished, out)
     before = snapshot(out)
+    with open(os.path.join(out, ".previous.pt.tmp-99999"), "wb") as f:  # left by a process killed mid-write
+        f.write(b"partial")
     assert main(["pretrain", *BASE, f"output_dir={out}", f"data.path={folder}", "optim.epochs=1"]) == 0
     printed = capsys.readouterr().out
     assert f"the run in {out} is complete (1 epochs, step 3" in printed
     assert "last.pt" in printed and "metrics.jsonl" in printed and "larger optim.epochs" in printed
     assert "steps/epoch" not in printed  # found before the data was loaded
-    assert snapshot(out) == before  # nothing rewritten
+    assert snapshot(out) == before  # nothing rewritten; the dead process's temp file removed
     # more epochs and other log settings are not another model: the run continues
     assert main(["pretrain", *BASE, f"output_dir={out}", f"data.path={folder}", "optim.epochs=2",
                  "log.every_steps=2"]) == 0
@@ -254,3 +256,12 @@ def test_last_keeps_previous_and_rolls_back(tmp_path, monkeypatch, hard_links):
     assert ckpt_io.rollback_last(str(tmp_path)) == 1
     assert state(last)["step"] == 1 and not (tmp_path / "previous.pt").exists()
     assert ckpt_io.rollback_last(str(tmp_path)) is None and not os.path.exists(last)
+    # a process killed between keeping previous.pt and replacing last.pt leaves them one file (two links)
+    ckpt_io.save_last({"step": 3}, last)
+    if hard_links:
+        os.link(last, tmp_path / "previous.pt")
+    else:
+        ckpt_io.save_atomic({"step": 3}, str(tmp_path / "previous.pt"))
+    ckpt_io.save_last({"step": 4}, last)
+    assert state(tmp_path / "previous.pt")["step"] == 3 and state(last)["step"] == 4
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "previous.pt"]

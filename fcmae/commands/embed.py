@@ -23,7 +23,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("folder", help="folder of images (searched recursively)")
     p.add_argument("--checkpoint", required=True, help="checkpoint file (FCMAE run, fine-tune, timm, HF, reference)")
     p.add_argument("--out", required=True, help="output file: *.safetensors or *.npy")
-    p.add_argument("--image-size", type=int, default=224, help="crop side in px, a multiple of 32 (default 224)")
+    p.add_argument("--image-size", type=int, default=224,
+                   help="crop side in px, a multiple of the checkpoint's patch size (32, or 16 / 8; default 224)")
     p.add_argument("--crop-pct", type=float, default=1.0,
                    help="resize the short side to image_size / crop_pct before the center crop (default 1.0)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward (default 64)")
@@ -44,8 +45,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # every check before the model runs: output, options, folder, images, checkpoint
     out = check_out(args.out)
-    if args.image_size < 32 or args.image_size % 32:
-        raise ValueError(f"--image-size {args.image_size} must be a positive multiple of 32 (e.g. 224)")
     if not 0 < args.crop_pct <= 1 or args.batch_size < 1 or args.num_workers < 0:
         raise ValueError("--crop-pct must be in (0, 1], --batch-size >= 1 and --num-workers >= 0")
     if not os.path.isdir(args.folder):
@@ -58,6 +57,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f"checkpoint {args.checkpoint!r} is not a file")
     raw = load_file(args.checkpoint)
     encoder, weights = encoder_from_checkpoint(raw)
+    p = weights.arch.patch_size  # the encoder's total stride: 32, or 16 / 8 for a smaller stem
+    if args.image_size < p or args.image_size % p:
+        raise ValueError(f"--image-size {args.image_size} must be a positive multiple of {p}, the checkpoint's patch "
+                         f"size (e.g. {max(p, args.image_size // p * p)})")
     device = pick_device(args.device, 0)
     in_chans = weights.arch.in_chans
     run_data = ((raw.get("config") or {}).get("data") or {}) if isinstance(raw, dict) else {}

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any
 
-from fcmae.config import add_config_arguments, from_dict, merge, parse_overrides
+from fcmae.config import add_config_arguments, config_from, merge, user_config
 from fcmae.evaluate import DATA_KEYS, EvalConfig, evaluate, exported_preprocessing, format_report, load_classifier
+from fcmae.finetune_config import inherit_data
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -26,8 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    import yaml
-
+    given = user_config(args.config, args.overrides)  # a bad file or key fails before the checkpoint is read
     if not os.path.isfile(args.ckpt):
         raise ValueError(f"checkpoint {args.ckpt!r} is not a file")
     model, meta = load_classifier(args.ckpt, ema=False)
@@ -35,12 +34,8 @@ def run(args: argparse.Namespace) -> None:
     if not meta:  # an exported file: the preprocessing and class names it carries (metadata or config.json)
         trained, meta, said = exported_preprocessing(args.ckpt, model)
         print(f"fcmae eval: {said}", flush=True)
-    base: dict[str, Any] = {"data": trained}
-    if args.config:
-        with open(args.config) as f:
-            base = merge(base, yaml.safe_load(f) or {})
-    cfg = from_dict(EvalConfig, merge(base, parse_overrides(args.overrides)))
-    cfg.check()
+    cfg = config_from(EvalConfig, merge({"data": inherit_data(trained, given.get("data") or {})}, given),
+                      args.overrides)
     if cfg.ema:
         model, meta = load_classifier(args.ckpt, ema=True)
     meter, classes = evaluate(args.ckpt, cfg, meta, model)

@@ -10,8 +10,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fcmae.config import add_config_arguments, from_dict, merge, parse_overrides
-from fcmae.finetune_config import FinetuneDataConfig
+from fcmae.config import add_config_arguments, config_from, merge, user_config
+from fcmae.finetune_config import FinetuneDataConfig, inherit_data
 from fcmae.knn import K, TEMPERATURE
 
 DATA_KEYS = ("path", "train_path", "val_path", "format", "image_size", "crop_pct", "mean", "std", "digits_per_class",
@@ -30,6 +30,7 @@ class KnnConfig:
         if self.k < 1 or self.temperature <= 0:
             raise ValueError(f"k must be >= 1 and temperature > 0, got k={self.k}, temperature={self.temperature}")
         self.data.check()
+        self.data.check_path()
 
 
 def checkpoint_data(raw: Any) -> dict[str, Any]:
@@ -65,27 +66,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    import yaml
-
     from convnextv2.checkpoint import load_file
     from fcmae.engine.distributed import pick_device
     from fcmae.engine.loop import amp_dtype
     from fcmae.finetune import encoder_from_checkpoint
-    from fcmae.knn import knn_probe, probe_splits
+    from fcmae.knn import check_neighbours, knn_probe, probe_splits
 
+    given = user_config(args.config, args.overrides)  # a bad file or key fails before the checkpoint is read
     if not os.path.isfile(args.ckpt):
         raise ValueError(f"checkpoint {args.ckpt!r} is not a file")
     raw = load_file(args.ckpt)
-    base: dict[str, Any] = {"data": checkpoint_data(raw)}
-    if args.config:
-        if not os.path.isfile(args.config):
-            raise ValueError(f"config file {args.config!r} does not exist; pass an existing YAML file to --config")
-        with open(args.config) as f:
-            base = merge(base, yaml.safe_load(f) or {})
-    cfg = from_dict(KnnConfig, merge(base, parse_overrides(args.overrides)))
-    cfg.check()
+    trained = inherit_data(checkpoint_data(raw), given.get("data") or {})
+    cfg = config_from(KnnConfig, merge({"data": trained}, given), args.overrides)
     encoder, weights = encoder_from_checkpoint(raw)
     splits = probe_splits(cfg.data, weights.arch.in_chans)  # fails on bad data before any forward
+    check_neighbours(cfg.k, len(splits.train))
     device = pick_device(cfg.device, 0)
     result = knn_probe(encoder.to(device), splits.train, splits.val, len(splits.classes), device,
                        cfg.data.eval_batch_size, cfg.data.num_workers, amp_dtype(cfg.amp, device), cfg.k,

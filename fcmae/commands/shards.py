@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import os
 
 from fcmae.data.write_shards import write_shards
+from fcmae.engine.config import check_writable_dir
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -30,8 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    if os.path.exists(args.dst) and not os.path.isdir(args.dst):
-        raise ValueError(f"DST {args.dst!r} is an existing file; give a folder for the shards (created if absent)")
+    check_writable_dir(args.dst, "DST")  # a file, or a folder that cannot be written: before any image is read
     skipped: list[str] = []
     sizes = write_shards(args.src, args.dst, args.shard_size, args.prefix, not args.no_shuffle, args.seed,
                          args.max_size, args.quality, args.overwrite, skipped)

@@ -32,11 +32,13 @@ def run(args: argparse.Namespace) -> None:
     from fcmae.data.decode import decode_image
     from fcmae.data.transforms import default_stats, eval_transform
     from fcmae.engine.checkpoint import load_checkpoint
+    from fcmae.engine.config import check_writable_file
     from fcmae.masking import random_mask
 
     out = Path(args.out)
     if out.suffix.lower() not in Image.registered_extensions():
         raise ValueError(f"--out {args.out}: name the picture with an image extension, e.g. {out.stem or 'grid'}.png")
+    check_writable_file(args.out, "--out")
     ckpt = load_checkpoint(args.checkpoint)
     if ckpt.get("format") != "fcmae" or "model_args" not in ckpt:
         what = "a fine-tuned classifier" if ckpt.get("format") == "fcmae-finetune" else "not an FCMAE checkpoint"

@@ -45,8 +45,10 @@ def convert_image(img: Image.Image, in_chans: int) -> Image.Image:
     return img if img.mode == mode else img.convert(mode)
 
 
-def decode_image(src: bytes | str | os.PathLike, in_chans: int = 3, name: str | None = None) -> Image.Image | None:
-    """Decode a file path or encoded bytes; None (with a warning naming `name` or the file) when it cannot be read."""
+def decode_image(src: bytes | str | os.PathLike, in_chans: int = 3, name: str | None = None,
+                 warn: bool = True) -> Image.Image | None:
+    """Decode a file path or encoded bytes; None (with a warning naming `name` or the file, unless not `warn`) when
+    it cannot be read."""
     try:
         if isinstance(src, (bytes, bytearray)):
             if not src:
@@ -58,6 +60,7 @@ def decode_image(src: bytes | str | os.PathLike, in_chans: int = 3, name: str | 
             img.load()  # force the full decode now: truncated files fail here, not later in a transform
             return convert_image(img, in_chans)
     except Exception as e:  # PIL raises OSError, ValueError, SyntaxError, DecompressionBombError...
-        name = name or ("<bytes>" if isinstance(src, (bytes, bytearray)) else os.fspath(src))
-        log.warning("skipping unreadable image %s: %s", name, e)
+        if warn:
+            name = name or ("<bytes>" if isinstance(src, (bytes, bytearray)) else os.fspath(src))
+            log.warning("skipping unreadable image %s: %s", name, e)
         return None

@@ -16,7 +16,7 @@ class Digits(ImageFiles):
         self.images = [Image.fromarray((im[0] * 255).round().byte().numpy(), "L") for im in imgs]
         super().__init__([f"digit-{i}" for i in range(len(imgs))], transform, in_chans, labels.tolist(), seed)
 
-    def load(self, i: int):
+    def load(self, i: int, warn: bool = True):
         return convert_image(self.images[i], self.in_chans)
 
     def source(self, i: int):

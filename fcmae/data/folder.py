@@ -64,9 +64,9 @@ class ImageFiles(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def load(self, i: int):
-        """Image i fully decoded (mode-converted), or None."""
-        return decode_image(self.files[i], self.in_chans)
+    def load(self, i: int, warn: bool = True):
+        """Image i fully decoded (mode-converted), or None (a warning names the file, if `warn`)."""
+        return decode_image(self.files[i], self.in_chans, warn=warn)
 
     def source(self, i: int):
         """What the transform decodes for item i: the file path (subclasses: an in-memory PIL image)."""
@@ -83,6 +83,6 @@ class ImageFiles(Dataset):
     def check_readable(self) -> None:
         """ValueError unless at least one image decodes (tries files in order, stops at the first good one)."""
         for i in range(len(self.files)):
-            if self.load(i) is not None:
+            if self.load(i, warn=False) is not None:  # the files skipped here are reported when training reads them
                 return
         raise ValueError(f"none of the {len(self.files)} image files could be decoded (all corrupt or not images)")

@@ -178,8 +178,17 @@ def build_splits(cfg, seed: int, train: bool = True, in_chans: int = 3) -> Split
     train_root, val_root = folder_pair(cfg)
     files, labels, classes = imagefolder_samples(train_root)
     vfiles, vlabels = val_samples(val_root, classes)
+    if len(classes) < 2:  # one class: every prediction is right, a top-1 of 100 that means nothing
+        raise ValueError(f"the train split {train_root!r} has {len(classes)} class folder ({', '.join(classes)}); "
+                         "classifying needs at least 2 classes (one subfolder of images per class)")
     for root, f in ((train_root, files), (val_root, vfiles)):
         if not f:
             raise ValueError(f"no image files under {root!r}")
-    return Splits(ImageFiles(files, train_tf, in_chans, labels, seed), ImageFiles(vfiles, eval_tf, in_chans, vlabels),
-                  classes, fmt, f"{train_root} | {val_root}")
+    splits = Splits(ImageFiles(files, train_tf, in_chans, labels, seed), ImageFiles(vfiles, eval_tf, in_chans, vlabels),
+                    classes, fmt, f"{train_root} | {val_root}")
+    for root, ds in ((train_root, splits.train), (val_root, splits.val)):
+        try:
+            ds.check_readable()  # stops at the first image that decodes
+        except ValueError as e:
+            raise ValueError(f"{root!r}: {e}") from None
+    return splits

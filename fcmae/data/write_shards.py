@@ -52,6 +52,11 @@ def prepare_image(data: bytes, max_size: int | None = None, quality: int = 90) -
         return None
 
 
+def readable(path: str) -> bool:
+    with open(path, "rb") as f:
+        return prepare_image(f.read()) is not None
+
+
 def clear_destination(dst: str, overwrite: bool) -> None:
     """ValueError for a non-empty `dst` (stale shards of another run would be read with the new ones), unless
     `overwrite`: then its *.tar files and sizes.json are deleted (nothing else)."""
@@ -84,6 +89,9 @@ def write_shards(src: str, dst: str, shard_size: int = 1000, prefix: str = "shar
         labels = [-1] * len(files)
     if not files:
         raise ValueError(f"no image files under {src!r}")
+    if not any(readable(f) for f in files):  # stops at the first image that decodes: DST is not touched otherwise
+        raise ValueError(f"none of the {len(files)} image files under {src!r} could be decoded (all corrupt or not "
+                         "images)")
     clear_destination(dst, overwrite)
     order = list(range(len(files)))
     if shuffle:
@@ -109,10 +117,6 @@ def write_shards(src: str, dst: str, shard_size: int = 1000, prefix: str = "shar
             sizes[name] = sizes.get(name, 0) + 1
             sink.write(sample)
             n += 1
-    if not n:
-        for path in glob.glob(os.path.join(dst, f"{prefix}-*.tar")):  # the writer's empty first shard
-            os.remove(path)
-        raise ValueError(f"none of the {len(files)} image files under {src!r} could be decoded")
     with open(os.path.join(dst, "sizes.json"), "w") as f:
         json.dump(sizes, f, indent=1)
     return sizes

@@ -32,13 +32,16 @@ def save_last(obj: dict[str, Any], path: str) -> None:
     """save_atomic onto {folder}/last.pt, first keeping the file it replaces as previous.pt (a hard link where the
     filesystem has them, else a copy)."""
     folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isfile(path):
+    previous = os.path.join(folder, PREVIOUS)
+    # already one file (a run killed while writing the last.pt after this link): os.replace of two links to one
+    # file does nothing, which would leave the temp link behind
+    if os.path.isfile(path) and not (os.path.isfile(previous) and os.path.samefile(path, previous)):
         tmp = os.path.join(folder, f".{PREVIOUS}{TMP_MARK}{os.getpid()}")
         try:
             os.link(path, tmp)
         except OSError:  # a filesystem without hard links: copy
             shutil.copyfile(path, tmp)
-        os.replace(tmp, os.path.join(folder, PREVIOUS))
+        os.replace(tmp, previous)
     save_atomic(obj, path)
 
 

@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from fcmae.engine.optim import scaled_lr
+
 
 @dataclass
 class OptimConfig:
@@ -34,6 +36,14 @@ class OptimConfig:
             raise ValueError(f"optim.accum_steps must be >= 1, got {self.accum_steps}")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"optim.clip_grad must be > 0 or null, got {self.clip_grad}")
+
+    def check_min_lr(self, global_batch: int) -> None:
+        """optim.min_lr is the cosine's floor: it cannot be above the peak lr (optim.lr, else the scaled optim.blr)."""
+        peak, given = (self.lr, "optim.lr") if self.lr is not None else (
+            scaled_lr(self.blr, global_batch), f"optim.blr x data.batch_size / 256 = {self.blr} x {global_batch} / 256")
+        if self.min_lr > peak:
+            raise ValueError(f"optim.min_lr={self.min_lr} is above the peak lr {peak:.4g} ({given}), so the schedule "
+                             "would rise instead of decay; lower optim.min_lr (0 is the usual floor)")
 
 
 @dataclass
@@ -76,6 +86,8 @@ class RunConfig:
     def check(self) -> None:
         if not self.output_dir:
             raise ValueError("output_dir must be set (the run directory)")
+        if not 0 <= self.seed < 2**63:
+            raise ValueError(f"seed must be in [0, 2**63) (torch's seed range), got {self.seed}")
         check_writable_dir(self.output_dir, "output_dir")
         if self.resume is not None and not os.path.isfile(self.resume):
             raise ValueError(f"resume={self.resume!r} is not a file; give a checkpoint path or leave resume unset")
@@ -88,18 +100,44 @@ class RunConfig:
         return bool(self.resume) or os.path.isfile(os.path.join(self.output_dir, "last.pt"))
 
 
-def check_writable_dir(path: str, key: str) -> None:
-    """ValueError unless `path` is a folder we can write in, or can be created (its nearest existing parent is a
-    writable folder). Nothing is created: this runs before any data, file or device is touched."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise ValueError(f"{key}={path!r} is an existing file, not a folder; choose another {key}")
-    parent = os.path.abspath(path)
+def check_at_most(key: str, value: int | None, limit: int, why: str) -> None:
+    """An upper bound for a size that has no natural one (how many channels, workers, pixels...): a typo such as
+    an extra zero is refused here, not met as an out-of-memory crash in the run."""
+    if value is not None and value > limit:
+        raise ValueError(f"{key}={value} is more than {limit} ({why}); give a smaller value")
+
+
+def unwritable(folder: str) -> str | None:
+    """Why files cannot be written in `folder` (created with its missing parents if need be), or None if they can.
+    Nothing is created: this runs before any data, file or device is touched."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        return "is an existing file, not a folder"
+    parent = os.path.abspath(folder)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        raise ValueError(f"{key}={path!r} cannot be created: {parent!r} is a file, not a folder; choose another {key}")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{key}={path!r} is not writable (no write permission in {parent!r}); choose another {key}")
+        return f"cannot be created: {parent!r} is a file, not a folder"
+    if not os.access(parent, os.W_OK | os.X_OK):  # also False on a read-only file system
+        return f"is not writable (no write permission in {parent!r}, or a read-only file system)"
+    return None
+
+
+def check_writable_dir(path: str, key: str) -> None:
+    """ValueError unless `path` is a folder we can write in, or can be created (see `unwritable`)."""
+    why = unwritable(path)
+    if why:
+        raise ValueError(f"{key}={path!r} {why}; choose another {key}")
+
+
+def check_writable_file(path: str, name: str) -> None:
+    """ValueError unless a file can be written at `path` (its folder is created if missing): `name` is how the
+    user gave it (e.g. DST, --out)."""
+    if os.path.isdir(path):
+        raise ValueError(f"{name} {path!r} is a folder; give a file name, e.g. "
+                         f"{os.path.join(path, 'model' + (os.path.splitext(path)[1] or '.safetensors'))}")
+    why = unwritable(os.path.dirname(os.path.abspath(path)))
+    if why:
+        raise ValueError(f"{name} {path!r}: its folder {why}; choose another {name}")
 
 
 def world_size_from_env() -> int:

@@ -113,8 +113,17 @@ def save_checkpoint(path: str, task: Task, optimizer, scaler, progress: Progress
         ckpt_io.save_atomic(state, path)
 
 
-def _diverged(out: str, epoch: int, step: int, loss: float, last_step: int | None) -> NonFiniteLossError:
-    """The NaN stop: roll last.pt back when its own weights gave this loss, and say what a rerun resumes from."""
+def nonfinite_tensors(module: nn.Module) -> list[str]:
+    """Names of the floating-point parameters and buffers holding NaN or inf (one device sync for them all)."""
+    tensors = [(name, t) for name, t in module.state_dict().items() if t.is_floating_point()]
+    finite = torch.stack([t.isfinite().all() for _, t in tensors]).tolist() if tensors else []
+    return [name for (name, _), ok in zip(tensors, finite) if not ok]
+
+
+def _diverged(out: str, epoch: int, step: int, loss: float, last_step: int | None,
+              what: str | None = None) -> NonFiniteLossError:
+    """The NaN stop: roll last.pt back when its own weights gave this loss, and say what a rerun resumes from.
+    what: the first part of the message (default: the non-finite loss)."""
     last = os.path.join(out, ckpt_io.LAST)
     if last_step == step:  # last.pt holds the weights that produced the non-finite loss: not a place to resume
         kept = ckpt_io.rollback_last(out)
@@ -125,8 +134,9 @@ def _diverged(out: str, epoch: int, step: int, loss: float, last_step: int | Non
         where = f"{last} (step {last_step}) is kept: its weights gave a finite loss"
     else:
         where = "this run wrote no checkpoint yet, so a rerun starts where this run started"
+    what = what or f"loss is {loss} at epoch {epoch + 1}, step {step}; stopped before the optimizer step"
     return NonFiniteLossError(
-        f"loss is {loss} at epoch {epoch + 1}, step {step}; stopped before the optimizer step; {where}. Lower "
+        f"{what}; {where}. Lower "
         "optim.lr (or optim.blr), raise optim.warmup_epochs or set optim.clip_grad, then rerun the same command "
         "with the new value to resume."
     )
@@ -257,6 +267,7 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
             ckpt_io.set_rng_state(state["rng"], device)
         if complete(state, o.epochs):  # nothing to train: say so rather than touch the run's files
             if main:
+                ckpt_io.remove_stale_temps(out)  # only what a process killed mid-write left
                 print(complete_message(out, state, o.epochs), flush=True)
             return {"epoch": progress.epoch, "step": progress.step, "skipped": 0, "complete": True}
         if main:
@@ -340,6 +351,11 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
                     save_checkpoint(os.path.join(out, ckpt_io.LAST), task, optimizer, scaler, progress, cfg, device)
                     last_step = progress.step
             bar.close()
+            bad = nonfinite_tensors(task.model)  # once an epoch: never evaluate, save or export NaN weights
+            if bad:
+                what = (f"{len(bad)} weight tensors (e.g. {bad[0]}) are NaN or inf after epoch {epoch + 1}, step "
+                        f"{progress.step}; stopped before evaluating or saving them")
+                raise _diverged(out, epoch, progress.step, math.nan, last_step if main else None, what)
             dt = time.time() - epoch_t0  # the epoch's training time: evaluation, checkpoints and probes left out
             epoch_loss, epoch_skipped = progress.epoch_loss / max(1, progress.epoch_counted), progress.epoch_skipped
             progress = Progress(epoch + 1, 0, progress.step)  # the next epoch's sums start at zero
