@@ -23,30 +23,9 @@ NODES=(fcmae-n1 fcmae-n2)
 PACKAGES=(munge slurm-client slurmctld slurmd)
 export PATH=$PATH:/usr/sbin SLURM_CONF=$CONF
 
-log() { echo "slurm-two-nodes.sh: $*" >&2; }
-die() { log "error: $*"; exit 1; }
-alive() { [[ -s $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
-
-wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
-    local deadline=$((SECONDS + $1)) what=$2; shift 2
-    until "$@" >/dev/null 2>&1; do
-        ((SECONDS < deadline)) || die "timed out waiting for $what (logs in $STATE)"
-        sleep 0.2
-    done
-}
-
-install_packages() {
-    local exe
-    for exe in munged slurmctld slurmd sbatch; do
-        command -v "$exe" >/dev/null && continue
-        command -v apt-get >/dev/null || die "Slurm is not installed and there is no apt-get: install ${PACKAGES[*]}"
-        log "installing ${PACKAGES[*]}"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${PACKAGES[@]}" >/dev/null ||
-            { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-                "${PACKAGES[@]}" >/dev/null; }
-        return
-    done
-}
+NAME=slurm-two-nodes.sh
+EXES=(munged slurmctld slurmd sbatch)
+source "$(dirname "$0")/slurm-lib.sh"  # log, die, alive, wait_for, install_packages, stop
 
 network_up() {  # a bridge on the machine (the controller's address) and one namespace per node, wired to it
     local i ns
@@ -75,6 +54,93 @@ network_up() {  # a bridge on the machine (the controller's address) and one nam
 }
 
 network_down() {
+    local ns
+    for ns in "${NODES[@]}"; do
+        ip netns list | grep -qw "$ns" && ip netns del "$ns"
+        rm -rf "/etc/netns/$ns"
+    done
+    rmdir /etc/netns 2>/dev/null || true  # when no other namespace uses it
+    ip link show "$BRIDGE" >/dev/null 2>&1 && ip link del "$BRIDGE"
+    return 0
+}
+
+configure() {
+    local node
+    node=$(slurmd -C | head -1 | tr ' ' '\n' | grep -E '^(CPUs|Boards|SocketsPerBoard|CoresPerSocket|ThreadsPerCore)=' |
+           tr '\n' ' ')
+    mkdir -p "$STATE/ctld" "$STATE/log"
+    cat >"$CONF" <<EOF
+# written by fcmae scripts/slurm-two-nodes.sh
+ClusterName=fcmae2
+SlurmctldHost=$(hostname -s)($NET.1)
+SlurmctldPort=7817
+SlurmdPort=7818
+SlurmUser=root
+AuthType=auth/munge
+AuthInfo=socket=$MUNGE/munge.socket,cred_expire=10
+CredType=cred/munge
+SchedulerParameters=sched_interval=2,bf_interval=1
+StateSaveLocation=$STATE/ctld
+SlurmdSpoolDir=$STATE/spool-%n
+SlurmctldPidFile=$STATE/slurmctld.pid
+SlurmdPidFile=$STATE/slurmd-%n.pid
+SlurmctldLogFile=$STATE/log/slurmctld.log
+SlurmdLogFile=$STATE/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+MpiDefault=none
+ReturnToService=2
+MailProg=/bin/true
+KillWait=5
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+NodeName=fcmae-n1 NodeAddr=$NET.11 ${node}State=UNKNOWN
+NodeName=fcmae-n2 NodeAddr=$NET.12 ${node}State=UNKNOWN
+PartitionName=two Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+EOF
+}
+
+start_munge() {
+    alive "$STATE/munged.pid" && return 0
+    mkdir -p "$MUNGE"
+    [[ -s $MUNGE/munge.key ]] || dd if=/dev/urandom of="$MUNGE/munge.key" bs=1024 count=1 status=none
+    chown -R munge:munge "$MUNGE"; chmod 755 "$MUNGE"; chmod 400 "$MUNGE/munge.key"  # clients reach the socket
+    runuser -u munge -- munged --socket="$MUNGE/munge.socket" --key-file="$MUNGE/munge.key" \
+        --pid-file="$MUNGE/munged.pid" --log-file="$MUNGE/munged.log" --seed-file="$MUNGE/munged.seed"
+    wait_for 10 munged test -s "$MUNGE/munged.pid"
+    cp "$MUNGE/munged.pid" "$STATE/munged.pid"
+}
+
+start_slurm() {
+    alive "$STATE/slurmctld.pid" || slurmctld -f "$CONF"
+    wait_for 30 slurmctld scontrol ping
+    local ns
+    for ns in "${NODES[@]}"; do
+        alive "$STATE/slurmd-$ns.pid" && continue
+        mkdir -p "$STATE/spool-$ns"
+        # A node of its own: its network namespace (address), a UTS namespace (hostname = node name) and a mount
+        # namespace whose /etc/hosts names every node. Not `ip netns exec`: it remounts /sys, hiding the cgroup
+        # filesystem slurmd needs.
+        nsenter --net="/run/netns/$ns" unshare --mount --uts sh -c \
+            "mount --bind /etc/netns/$ns/hosts /etc/hosts && hostname $ns && exec slurmd -f '$CONF' -N $ns"
+    done
+    wait_for 30 "both nodes to be idle" bash -c "[ \$(sinfo -h -p two -t idle -o %D) = ${#NODES[@]} ]"
+}
+
+up() {
+    [[ $(id -u) == 0 ]] || die "must run as root (it installs packages, makes network namespaces, starts daemons)"
+    install_packages
+    mkdir -p "$STATE"
+    alive "$STATE/slurmctld.pid" || configure
+    network_up
+    start_munge
+    start_slurm
+    log "up: $(sinfo -h -o '%P %D %N %t' | tr '\n' ';') configuration $CONF (export SLURM_CONF=$CONF)"
+}
+
+down() {
     local ns
     for ns in "${NODES[@]}"; do
         ip netns list | grep -qw "$ns" && ip netns del "$ns"

@@ -1,11 +1,21 @@
 import os
 import shutil
+import socket
 
 import pytest
 import torch
 from torch import nn
 
 from convnextv2 import BACKENDS
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a connection fails the test: loading a local file must not download anything."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access attempted")
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def randomize_grn(model: nn.Module, std: float = 0.5) -> nn.Module:

@@ -1,6 +1,5 @@
 """Checkpoints (SPEC §4): every format round-trips exactly, converted models compute the same function, timm and
 transformers load what we export, and bad files fail with one clear error each."""
-import socket
 
 import pytest
 import timm
@@ -17,15 +16,6 @@ from convnextv2.checkpoint import (
 from fcmae import FCMAE
 from fcmae.cli import main
 from fcmae.convert import fcmae_checkpoint
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Any attempt to open a connection fails the test: loading a local file must not download anything."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def known_model(name="convnextv2_atto", num_classes=10) -> ConvNeXt:

@@ -28,7 +28,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any, get_type_hints
+from typing import get_type_hints
 
 import pytest
 

@@ -157,10 +157,10 @@ def test_unequal_visible_counts_raise():
     "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")),
 ])
 def test_compiled_train_step_matches_eager(device, monkeypatch):
-    """torch.compile of the packed FCMAE forward, inside a whole train step (backward, AdamW), gives eager's losses and
-    weights over several steps with new masks (so the graph must not bake in one mask). Given the visible patch
-    indices (as the training loop passes them), it compiles as one graph (`fullgraph=True`): no graph break, i.e. no
-    `.item()`, `.tolist()` or data-dependent shape, so no host sync inside the step."""
+    """torch.compile of the packed FCMAE forward, inside a whole train step (backward, AdamW), gives eager's losses,
+    gradients and weights over several steps with new masks (so the graph must not bake in one mask). Given the
+    visible patch indices (as the training loop passes them), it compiles as one graph (`fullgraph=True`): no graph
+    break, i.e. no `.item()`, `.tolist()` or data-dependent shape, so no host sync inside the step."""
     if device == "cpu" and not (shutil.which("c++") or shutil.which("g++")):
         pytest.skip("torch.compile on CPU needs a C++ compiler (apt-get install g++)")
     if device == "cuda":
@@ -169,18 +169,23 @@ def test_compiled_train_step_matches_eager(device, monkeypatch):
     eager = randomize_grn(FCMAE("convnextv2_atto", decoder_dim=32, decoder_depth=1)).to(device)
     compiled = copy.deepcopy(eager)
     compiled.forward = torch.compile(compiled.forward, fullgraph=True)
-    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3) for m in (eager, compiled)]
+    lr = 1e-3
+    opts = [torch.optim.AdamW(m.parameters(), lr=lr) for m in (eager, compiled)]
     imgs = torch.randn(2, 3, 64, 96, device=device)
     for _ in range(3):
         mask = eager.random_mask(imgs)
         visible = visible_patches(mask)
         losses = []
-        for model, opt in zip((eager, compiled), opts):
+        for model in (eager, compiled):
             loss, _, _ = model(imgs, mask, visible)
-            opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
             losses.append(loss.item())
         assert abs(losses[1] - losses[0]) <= 1e-5 * abs(losses[0])
+        assert_grads_match(compiled, eager, tol=1e-4)  # the compiled backward, custom autograd functions included
+        for opt in opts:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    # AdamW divides each gradient by its own running scale, so an element whose gradient is near zero turns a
+    # summation-order difference into a visible one: the weights agree to 1% of one step's lr
     for (name, p), q in zip(eager.named_parameters(), compiled.parameters()):
-        assert rel_err(q, p) <= 1e-4, name
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-2 * lr, msg=lambda m: f"{name}: {m}")

@@ -2,7 +2,6 @@
 FCMAE checkpoint pretrained at 16 converts to timm / Hugging Face / FCMAE and loads there with stride 2, mismatches
 are one clear error."""
 import json
-import socket
 
 import pytest
 import timm
@@ -18,14 +17,6 @@ from convnextv2.checkpoint import (
 from fcmae import FCMAE
 from fcmae.cli import main
 from fcmae.convert import fcmae_checkpoint
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def known_model(patch, num_classes=10):

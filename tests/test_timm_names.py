@@ -4,7 +4,6 @@ the layouts against timm's own building blocks, `feature_info`'s true strides, o
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import timm
@@ -16,14 +15,6 @@ from convnextv2 import create_encoder, encoder_patch_size
 from convnextv2.checkpoint import load_encoder_weights
 from convnextv2.timm_names import SIZES, timm_name
 from fcmae.cli import main
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("network access attempted")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
 def stage_outputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
