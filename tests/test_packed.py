@@ -104,6 +104,16 @@ def test_depthwise_conv_grads_match_aten(channels_last, bias, size):
             assert rel_err(g, g_ref) <= 1e-5
 
 
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_depthwise_conv_weight_grad_has_the_weights_strides(memory_format):
+    """DDP's gradient buckets take the parameter's strides; a gradient in other strides costs a copy every step (and
+    the reducer's "Grad strides do not match bucket view strides" warning)."""
+    conv = torch.nn.Conv2d(16, 16, 7, padding=3, groups=16).to(memory_format=memory_format)
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    (grad_w,) = torch.autograd.grad(depthwise_conv(conv, x).sum(), conv.weight)
+    assert grad_w.stride() == conv.weight.stride()
+
+
 def test_depthwise_conv_bf16_autocast_dtypes():
     """Under CPU autocast the gradients come back in the dtypes of the inputs they belong to, close to fp32's."""
     conv = torch.nn.Conv2d(16, 16, 7, padding=3, groups=16)

@@ -113,7 +113,9 @@ class _DepthwiseConv(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = torch.ops.aten.convolution_backward(
                 grad, x.to(grad.dtype), w, None, [1, 1], [p, p], [1, 1], False, [0, 0], c, [False, True, False]
-            )[1].to(weight.dtype)
+            )[1]
+            # in the weight's own strides: aten's come out channels_last, which costs DDP a copy per step and a warning
+            grad_w = torch.empty_like(weight).copy_(grad_w)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.permute(0, 2, 3, 1).reshape(-1, c).sum(0, dtype=torch.float32).to(weight.dtype)
         return grad_x, grad_w, grad_b, None
