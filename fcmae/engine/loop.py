@@ -227,162 +227,194 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
     resume: (path, state) already read and checked by the command (`fcmae.engine.resume.prepare_resume`, before its
     data); None: read here. Returns a summary: final step/epoch, last epoch's mean loss, skipped images.
     """
-    o, out = cfg.optim, cfg.output_dir
-    device, main = info.device, info.is_main
     if resume is None:
-        resume = prepare_resume(out, cfg.resume, task.checkpoint_header())
+        resume = prepare_resume(cfg.output_dir, cfg.resume, task.checkpoint_header())
     else:  # the task now knows everything its header holds (e.g. the number of classes in the data)
         check_same_run(resume[1], task.checkpoint_header(), resume[0], explicit=bool(cfg.resume))
-
-    model = task.model.to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    base_lr = o.lr if o.lr is not None else scaled_lr(o.blr, task.global_batch)
-    optimizer = build_adamw(task.param_groups(o.weight_decay), base_lr, o.betas, device)
-    dtype = amp_dtype(cfg.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    # A non-finite loss must never reach the weights. Where the optimizer can skip a step on the device (fused AdamW
-    # reading `found_inf`), the loss is read at sync points only; elsewhere (the CPU, where reading is free, or fp16,
-    # whose GradScaler owns `found_inf`) before every optimizer step.
-    read_every_step = scaler.is_enabled() or not skips_on_device(optimizer)
-
-    progress = Progress()
-    last_step = None  # step of the last.pt this process wrote (or resumed from), for the NaN stop
+    run = _Run(cfg, task, info, on_loss)
     if resume is not None:
-        path, state = resume
-        task.model.load_state_dict(state["model"])
-        load_optimizer_state(optimizer, state["optimizer"])
+        done = run.restore(*resume)
+        if done is not None:
+            return done
+    if info.is_main:  # every check passed: only now is the run folder touched
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        ckpt_io.remove_stale_temps(cfg.output_dir)  # a checkpoint being written when a process died is never resumed
+        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+    return run.fit(resumed=resume is not None)
+
+
+class _Run:
+    """One call of `train`: the model, optimizer and counters, and what a step and an epoch do with them."""
+
+    def __init__(self, cfg: RunConfig, task: Task, info: DistInfo,
+                 on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None) -> None:
+        o = cfg.optim
+        self.cfg, self.task, self.info, self.on_loss = cfg, task, info, on_loss
+        self.out, self.main, self.device = cfg.output_dir, info.is_main, info.device
+        self.model = task.model.to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.base_lr = o.lr if o.lr is not None else scaled_lr(o.blr, task.global_batch)
+        self.optimizer = build_adamw(task.param_groups(o.weight_decay), self.base_lr, o.betas, self.device)
+        self.dtype = amp_dtype(cfg.amp, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        # A non-finite loss must never reach the weights. Where the optimizer can skip a step on the device (fused
+        # AdamW reading `found_inf`), the loss is read at sync points only; elsewhere (the CPU, where reading is free,
+        # or fp16, whose GradScaler owns `found_inf`) before every optimizer step.
+        self.read_every_step = self.scaler.is_enabled() or not skips_on_device(self.optimizer)
+        self.progress = Progress()
+        self.last_step: int | None = None  # step of the last.pt this process wrote (or resumed from): the NaN stop
+        spe = task.steps_per_epoch
+        self.total_steps, self.warmup_steps = o.epochs * spe, round(o.warmup_epochs * spe)
+        self.lr = cosine_lr(0, self.total_steps, self.warmup_steps, self.base_lr, o.min_lr)
+        self.after_step, self.evaluate = _hook(task, "after_step"), _hook(task, "evaluate")
+
+    def restore(self, path: str, state: dict[str, Any]) -> dict[str, Any] | None:
+        """Load a checkpoint's weights, optimizer, counters and RNG. -> the summary when it finished the run already."""
+        self.task.model.load_state_dict(state["model"])
+        load_optimizer_state(self.optimizer, state["optimizer"])
         if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        if _hook(task, "load_extra_state") is not None:
-            task.load_extra_state(state)
-        progress = Progress(state["epoch"], state.get("epoch_step", 0), state["step"])
+            self.scaler.load_state_dict(state["scaler"])
+        if _hook(self.task, "load_extra_state") is not None:
+            self.task.load_extra_state(state)
+        p = self.progress = Progress(state["epoch"], state.get("epoch_step", 0), state["step"])
         sums = state.get("epoch_sums")
-        if progress.epoch_step and sums:
-            progress.epoch_loss, progress.epoch_skipped = float(sums["loss"]), int(sums["skipped"])
-            progress.epoch_counted = int(sums["steps"])
-        last_step = progress.step if os.path.abspath(path) == os.path.abspath(os.path.join(out, ckpt_io.LAST)) \
-            else None
-        if main and "rng" in state:  # only rank 0's state is saved; others keep their per-rank seeds
-            ckpt_io.set_rng_state(state["rng"], device)
-        if complete(state, o.epochs):  # nothing to train: say so rather than touch the run's files
-            if main:
-                ckpt_io.remove_stale_temps(out)  # only what a process killed mid-write left
-                print(complete_message(out, state, o.epochs), flush=True)
-            return {"epoch": progress.epoch, "step": progress.step, "skipped": 0, "complete": True}
-        if main:
-            print(f"resumed from {path}: epoch {progress.epoch}, step {progress.step}", flush=True)
-    if main:  # every check passed: only now is the run folder touched
-        os.makedirs(out, exist_ok=True)
-        ckpt_io.remove_stale_temps(out)  # a checkpoint being written when a process died is never resumed from
-        save_config(cfg, os.path.join(out, "config.yaml"))
+        if p.epoch_step and sums:
+            p.epoch_loss, p.epoch_skipped = float(sums["loss"]), int(sums["skipped"])
+            p.epoch_counted = int(sums["steps"])
+        if os.path.abspath(path) == os.path.abspath(os.path.join(self.out, ckpt_io.LAST)):
+            self.last_step = p.step
+        self.lr = cosine_lr(p.step, self.total_steps, self.warmup_steps, self.base_lr, self.cfg.optim.min_lr)
+        if self.main and "rng" in state:  # only rank 0's state is saved; others keep their per-rank seeds
+            ckpt_io.set_rng_state(state["rng"], self.device)
+        if complete(state, self.cfg.optim.epochs):  # nothing to train: say so rather than touch the run's files
+            if self.main:
+                ckpt_io.remove_stale_temps(self.out)  # only what a process killed mid-write left
+                print(complete_message(self.out, state, self.cfg.optim.epochs), flush=True)
+            return {"epoch": p.epoch, "step": p.step, "skipped": 0, "complete": True}
+        if self.main:
+            print(f"resumed from {path}: epoch {p.epoch}, step {p.step}", flush=True)
+        return None
 
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if info.distributed else model
-    forward_model = torch.compile(ddp) if cfg.compile else ddp
-    logger = MetricsLogger(out, enabled=main, tensorboard=cfg.log.tensorboard,
-                           resume_step=progress.step if resume is not None else None)
-    accum, spe = o.accum_steps, task.steps_per_epoch
-    total_steps, warmup_steps = o.epochs * spe, round(o.warmup_epochs * spe)
-    summary: dict[str, Any] = {"skipped": 0}
-    lr = cosine_lr(progress.step, total_steps, warmup_steps, base_lr, o.min_lr)
-    run_t0, run_steps0 = time.time(), progress.step
-    after_step, evaluate = _hook(task, "after_step"), _hook(task, "evaluate")
-    start = _hook(task, "start")
+    def fit(self, resumed: bool) -> dict[str, Any]:
+        """Train the epochs left. -> final step/epoch, the last epoch's mean loss and metrics, skipped images."""
+        cfg, info = self.cfg, self.info
+        self.ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
+                                           else None) if info.distributed else self.model
+        self.forward_model = torch.compile(self.ddp) if cfg.compile else self.ddp
+        self.logger = MetricsLogger(self.out, enabled=self.main, tensorboard=cfg.log.tensorboard,
+                                    resume_step=self.progress.step if resumed else None)
+        self.run_t0, self.run_steps0 = time.time(), self.progress.step
+        summary: dict[str, Any] = {"skipped": 0}
+        try:
+            start = _hook(self.task, "start")
+            if self.main and start is not None:
+                baseline = start(resumed)
+                if baseline:
+                    self.logger.log("epoch", self.progress.step, epoch=self.progress.epoch, **baseline)
+                    print(f"epoch {self.progress.epoch}/{cfg.optim.epochs}" + _format_metrics(baseline), flush=True)
+            self.model.train()
+            while self.progress.epoch < cfg.optim.epochs:
+                epoch = self.progress.epoch
+                steps, waited, seconds = self._train_epoch(epoch)
+                self._end_epoch(epoch, steps, waited, seconds, summary)
+        finally:
+            self.logger.close()
+        summary.setdefault("step", self.progress.step)
+        summary.setdefault("epoch", self.progress.epoch)
+        return summary
 
-    def read(log: StepLog, epoch: int) -> tuple[float, int]:
+    def _train_epoch(self, epoch: int) -> tuple[int, float, float]:
+        """The optimizer steps left in `epoch`. -> (steps this process made, seconds it waited for data, seconds)."""
+        cfg, task, p = self.cfg, self.task, self.progress
+        accum, spe = cfg.optim.accum_steps, task.steps_per_epoch
+        batches = iter(task.batches(epoch, p.epoch_step * accum))
+        bar = progress_bar(spe, p.epoch_step, f"epoch {epoch + 1}/{cfg.optim.epochs}", self.main and cfg.log.progress)
+        t0, steps, waited = time.time(), 0, 0.0
+        log = StepLog()
+        while p.epoch_step < spe:
+            self.lr = cosine_lr(p.step, self.total_steps, self.warmup_steps, self.base_lr, cfg.optim.min_lr)
+            set_lr(self.optimizer, self.lr)
+            stats, wait = accumulate(task, self.forward_model, self.ddp, batches, self.scaler, self.dtype, self.info,
+                                     accum, epoch, p.epoch_step * accum, p.step, self.on_loss)
+            log.add(p.step, stats, wait)
+            waited += wait
+            if self.read_every_step:  # before the optimizer step: a non-finite loss stops the run here
+                loss, skipped = self._read(log, epoch)
+            # else the fused step leaves the weights alone when the loss is not finite; _read() stops the run
+            optimizer_step(self.optimizer, self.scaler, self.model, stats, cfg.optim.clip_grad,
+                           skip_on_device=not self.read_every_step)
+            p.step += 1
+            p.epoch_step += 1
+            steps += 1
+            if self.after_step is not None:
+                self.after_step(p.step)
+            bar.update(1)
+            log_row = p.step % cfg.log.every_steps == 0
+            save = p.step % cfg.checkpoint.every_steps == 0 and p.epoch_step < spe
+            if not self.read_every_step and (log_row or save or p.epoch_step == spe):
+                loss, skipped = self._read(log, epoch)
+            if self.main and (log_row or save or self.read_every_step):  # the loss is on the host: show it
+                eta = (time.time() - self.run_t0) / (p.step - self.run_steps0) * (self.total_steps - p.step)
+                ips = steps * task.global_batch / max(time.time() - t0, 1e-9)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr:.2e}", img_s=f"{ips:.0f}", eta=format_eta(eta))
+            if self.main and log_row:  # img/s and data wait over the steps since the previous row
+                n, seconds, interval_wait = log.interval()
+                self.logger.log("step", p.step, epoch=epoch, loss=loss, lr=self.lr, skipped=skipped,
+                                img_per_s=n * task.global_batch / max(seconds, 1e-9),
+                                data_wait=interval_wait / max(seconds, 1e-9))
+            if self.main and save:
+                self._save(os.path.join(self.out, ckpt_io.LAST))
+        bar.close()
+        return steps, waited, time.time() - t0  # the epoch's training time: no evaluation, checkpoint or probe
+
+    def _read(self, log: StepLog, epoch: int) -> tuple[float, int]:
         """Bring the pending steps' numbers to the host (a sync point): stop on a non-finite loss, add them to the
         epoch's sums. -> (loss, skipped) of the newest step."""
-        loss, skipped = float("nan"), 0
+        loss, skipped, p = float("nan"), 0, self.progress
         for step, loss_sum, skipped in log.read():
-            loss = loss_sum / (accum * info.world_size)
+            loss = loss_sum / (self.cfg.optim.accum_steps * self.info.world_size)
             if not math.isfinite(loss):
-                raise _diverged(out, epoch, step, loss, last_step) if main else \
+                raise _diverged(self.out, epoch, step, loss, self.last_step) if self.main else \
                     NonFiniteLossError(f"loss is {loss} at epoch {epoch + 1}, step {step}")
-            progress.epoch_loss += loss
-            progress.epoch_skipped += skipped
-            progress.epoch_counted += 1
+            p.epoch_loss += loss
+            p.epoch_skipped += skipped
+            p.epoch_counted += 1
         return loss, skipped
 
-    try:
-        if main and start is not None:
-            baseline = start(resume is not None)
-            if baseline:
-                logger.log("epoch", progress.step, epoch=progress.epoch, **baseline)
-                print(f"epoch {progress.epoch}/{o.epochs}" + _format_metrics(baseline), flush=True)
-        model.train()
-        while progress.epoch < o.epochs:
-            epoch = progress.epoch
-            batches = iter(task.batches(epoch, progress.epoch_step * accum))
-            bar = progress_bar(spe, progress.epoch_step, f"epoch {epoch + 1}/{o.epochs}", main and cfg.log.progress)
-            epoch_t0, epoch_steps, epoch_wait = time.time(), 0, 0.0  # this process's steps (the epoch's img/s)
-            log = StepLog()
-            while progress.epoch_step < spe:
-                lr = cosine_lr(progress.step, total_steps, warmup_steps, base_lr, o.min_lr)
-                set_lr(optimizer, lr)
-                stats, wait = accumulate(task, forward_model, ddp, batches, scaler, dtype, info, accum, epoch,
-                                         progress.epoch_step * accum, progress.step, on_loss)
-                log.add(progress.step, stats, wait)
-                epoch_wait += wait
-                if read_every_step:  # before the optimizer step: a non-finite loss stops the run here
-                    step_loss, skipped = read(log, epoch)
-                # else the fused step leaves the weights alone when the loss is not finite; read() stops the run
-                optimizer_step(optimizer, scaler, model, stats, o.clip_grad, skip_on_device=not read_every_step)
-                progress.step += 1
-                progress.epoch_step += 1
-                epoch_steps += 1
-                if after_step is not None:
-                    after_step(progress.step)
-                bar.update(1)
-                log_row = progress.step % cfg.log.every_steps == 0
-                save = progress.step % cfg.checkpoint.every_steps == 0 and progress.epoch_step < spe
-                if not read_every_step and (log_row or save or progress.epoch_step == spe):
-                    step_loss, skipped = read(log, epoch)
-                if main and (log_row or save or read_every_step):  # the loss is on the host: show it
-                    eta = (time.time() - run_t0) / (progress.step - run_steps0) * (total_steps - progress.step)
-                    ips = epoch_steps * task.global_batch / max(time.time() - epoch_t0, 1e-9)
-                    bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}", eta=format_eta(eta))
-                if main and log_row:  # img/s and data wait over the steps since the previous row
-                    n, seconds, waited = log.interval()
-                    logger.log("step", progress.step, epoch=epoch, loss=step_loss, lr=lr,
-                               img_per_s=n * task.global_batch / max(seconds, 1e-9), skipped=skipped,
-                               data_wait=waited / max(seconds, 1e-9))
-                if main and save:
-                    save_checkpoint(os.path.join(out, ckpt_io.LAST), task, optimizer, scaler, progress, cfg, device)
-                    last_step = progress.step
-            bar.close()
-            bad = nonfinite_tensors(task.model)  # once an epoch: never evaluate, save or export NaN weights
-            if bad:
-                what = (f"{len(bad)} weight tensors (e.g. {bad[0]}) are NaN or inf after epoch {epoch + 1}, step "
-                        f"{progress.step}; stopped before evaluating or saving them")
-                raise _diverged(out, epoch, progress.step, math.nan, last_step if main else None, what)
-            dt = time.time() - epoch_t0  # the epoch's training time: evaluation, checkpoints and probes left out
-            epoch_loss, epoch_skipped = progress.epoch_loss / max(1, progress.epoch_counted), progress.epoch_skipped
-            progress = Progress(epoch + 1, 0, progress.step)  # the next epoch's sums start at zero
-            last = progress.epoch == o.epochs
-            summary.update(epoch=progress.epoch, step=progress.step, loss=epoch_loss)
-            summary["skipped"] += epoch_skipped
-            evaluated: dict[str, Any] = {}
-            if evaluate is not None:
-                evaluated = evaluate(epoch)
-                model.train()
-                summary.update(evaluated)
-            if main:
-                save_checkpoint(os.path.join(out, ckpt_io.LAST), task, optimizer, scaler, progress, cfg, device)
-                last_step = progress.step
-                keep = cfg.checkpoint.keep_every_epochs
-                if keep and (progress.epoch % keep == 0 or last):
-                    save_checkpoint(os.path.join(out, f"checkpoint-epoch{progress.epoch}.pt"), task, optimizer,
-                                    scaler, progress, cfg, device)
-                extra = {**evaluated, **task.end_of_epoch(epoch, last)}
-                ips, wait_share = epoch_steps * task.global_batch / dt, epoch_wait / dt
-                logger.log("epoch", progress.step, epoch=progress.epoch, loss=summary["loss"], lr=lr,
-                           img_per_s=ips, data_wait=wait_share, skipped=epoch_skipped, seconds=dt, **extra)
-                print(f"epoch {progress.epoch}/{o.epochs}  loss {summary['loss']:.4f}  lr {lr:.2e}  {ips:.0f} img/s  "
-                      f"data wait {100 * wait_share:.0f}%  skipped {epoch_skipped}  ({dt:.1f}s)"
-                      + _format_metrics(extra), flush=True)
-    finally:
-        logger.close()
-    summary.setdefault("step", progress.step)
-    summary.setdefault("epoch", progress.epoch)
-    return summary
+    def _end_epoch(self, epoch: int, steps: int, waited: float, seconds: float, summary: dict[str, Any]) -> None:
+        """Check the weights, evaluate, write the checkpoints, log and print the epoch line; update `summary`."""
+        cfg, p = self.cfg, self.progress
+        bad = nonfinite_tensors(self.task.model)  # once an epoch: never evaluate, save or export NaN weights
+        if bad:
+            what = (f"{len(bad)} weight tensors (e.g. {bad[0]}) are NaN or inf after epoch {epoch + 1}, step "
+                    f"{p.step}; stopped before evaluating or saving them")
+            raise _diverged(self.out, epoch, p.step, math.nan, self.last_step if self.main else None, what)
+        loss, skipped = p.epoch_loss / max(1, p.epoch_counted), p.epoch_skipped
+        p = self.progress = Progress(epoch + 1, 0, p.step)  # the next epoch's sums start at zero
+        last = p.epoch == cfg.optim.epochs
+        summary.update(epoch=p.epoch, step=p.step, loss=loss)
+        summary["skipped"] += skipped
+        evaluated: dict[str, Any] = {}
+        if self.evaluate is not None:
+            evaluated = self.evaluate(epoch)
+            self.model.train()
+            summary.update(evaluated)
+        if not self.main:
+            return
+        self._save(os.path.join(self.out, ckpt_io.LAST))
+        keep = cfg.checkpoint.keep_every_epochs
+        if keep and (p.epoch % keep == 0 or last):
+            self._save(os.path.join(self.out, f"checkpoint-epoch{p.epoch}.pt"))
+        extra = {**evaluated, **self.task.end_of_epoch(epoch, last)}
+        ips, wait_share = steps * self.task.global_batch / seconds, waited / seconds
+        self.logger.log("epoch", p.step, epoch=p.epoch, loss=loss, lr=self.lr, img_per_s=ips, data_wait=wait_share,
+                        skipped=skipped, seconds=seconds, **extra)
+        print(f"epoch {p.epoch}/{cfg.optim.epochs}  loss {loss:.4f}  lr {self.lr:.2e}  {ips:.0f} img/s  "
+              f"data wait {100 * wait_share:.0f}%  skipped {skipped}  ({seconds:.1f}s)" + _format_metrics(extra),
+              flush=True)
+
+    def _save(self, path: str) -> None:
+        save_checkpoint(path, self.task, self.optimizer, self.scaler, self.progress, self.cfg, self.device)
+        if os.path.basename(path) == ckpt_io.LAST:
+            self.last_step = self.progress.step
