@@ -49,7 +49,8 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], torch.device, str]:
     if not backends or bad:
         raise ValueError(f"unknown backend(s) {bad or args.backends!r} in --backends; valid: {', '.join(valid)}")
     if args.image_size <= 0 or args.image_size % args.patch_size:
-        raise ValueError(f"--image-size {args.image_size} is not a positive multiple of the patch size {args.patch_size}")
+        raise ValueError(f"--image-size {args.image_size} is not a positive multiple of the patch size "
+                         f"{args.patch_size}")
     for name in ("batch_size", "steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
@@ -226,6 +227,17 @@ class Timings:
         # less sensitive than wall time to other jobs (with 1 thread it is the step's own compute time)
         self.peak: dict[str, int] = {b: 0 for b in backends}
 
+    def measure(self, backend: str, step: Callable[[str, int], tuple[float, float]], i: int,
+                device: torch.device) -> None:
+        """Time step(backend, i), and the peak memory it allocates (CUDA)."""
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        wall, cpu = step(backend, i)
+        self.wall[backend].append(wall)
+        self.cpu[backend].append(cpu)
+        if device.type == "cuda":
+            self.peak[backend] = max(self.peak[backend], torch.cuda.max_memory_allocated(device))
+
     def results(self, n: int, flops: float, peak_flops: float) -> dict[str, dict[str, float]]:
         """-> per backend measured so far: median step time, img/s, spread, CPU s, MFU (and peak memory on CUDA)."""
         results: dict[str, dict[str, float]] = {}
@@ -257,6 +269,56 @@ def print_table(results: dict[str, dict[str, float]]) -> None:
               f"{r['cpu_s']:>11.2f} {cpu_ratio:>13}")
 
 
+class TrainStep:
+    """The timed work: one FCMAE train step (forward, backward, AdamW step) of a backend on a fixed batch, with mask i.
+
+    One model and one optimizer for every backend, as the training loop builds them: the weights keep training, so
+    every backend times the same shapes and the same resident memory.
+    """
+
+    def __init__(self, args: argparse.Namespace, backends: list[str], device: torch.device, dtype: str):
+        torch.manual_seed(args.seed)
+        memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+        self.device, self.bf16 = device, dtype == "bf16"
+        self.model = FCMAE(args.model, mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim,
+                           patch_size=args.patch_size).to(device).to(memory_format=memory_format)
+        # the training loop's optimizer: fused AdamW on CUDA, foreach on the CPU (~2x faster there than per-tensor)
+        self.opt = build_adamw([{"params": [p for p in self.model.parameters() if p.requires_grad],
+                                 "weight_decay": 0.05}], 1.5e-4, (0.9, 0.95), device)
+        size = args.image_size
+        self.imgs = torch.randn(args.batch_size, 3, size, size, device=device).contiguous(memory_format=memory_format)
+        cpu_masks = [self.model.random_mask(self.imgs.cpu()) for _ in range(args.warmup + args.steps)]
+        # as in training: the visible indices come from the host with the mask, so no step waits for them
+        self.masks = [(m.to(device), visible_patches(m).to(device)) for m in cpu_masks]
+        self.fns = {b: loss_fn(self.model, b) for b in backends}
+        if args.compile:
+            self.fns = {b: torch.compile(fn) for b, fn in self.fns.items()}
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def __call__(self, backend: str, i: int) -> tuple[float, float]:
+        """-> (wall seconds, CPU seconds of this process) of one step, the device synchronised before and after."""
+        sync(self.device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        with self.autocast():
+            loss = self.fns[backend](self.imgs, *self.masks[i])
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        sync(self.device)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+
+def print_header(args: argparse.Namespace, device: torch.device, dtype: str) -> None:
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    print(f"fcmae bench  {datetime.date.today()}  torch {torch.__version__}  {where}  "
+          f"threads {torch.get_num_threads()}")
+    print(f"model {args.model}  batch {args.batch_size}  image {args.image_size}px  patch {args.patch_size}  "
+          f"mask ratio {args.mask_ratio}  {dtype}  compile {args.compile}  channels_last {args.channels_last}  "
+          f"warmup {args.warmup}  steps {args.steps}")
+
+
 def benchmark(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Time the backends with the options of `fcmae bench` (fcmae.commands.bench) -> per backend img/s, step
     times, CPU seconds, MFU (and peak memory on CUDA); prints the table.
@@ -268,59 +330,14 @@ def benchmark(args: argparse.Namespace) -> dict[str, dict[str, float]]:
     backends, device, dtype = check_args(args)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    model = FCMAE(args.model, mask_ratio=args.mask_ratio, decoder_dim=args.decoder_dim,
-                  patch_size=args.patch_size).to(device)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
-    # the training loop's optimizer: fused AdamW on CUDA, foreach on the CPU (~2x faster there than per-tensor)
-    opt = build_adamw([{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": 0.05}],
-                      1.5e-4, (0.9, 0.95), device)
-    n, size = args.batch_size, args.image_size
-    imgs = torch.randn(n, 3, size, size, device=device).contiguous(memory_format=memory_format)
-    cpu_masks = [model.random_mask(imgs.cpu()) for _ in range(args.warmup + args.steps)]
-    # as in training: the visible indices come from the host with the mask, so no step waits for them
-    masks = [(m.to(device), visible_patches(m).to(device)) for m in cpu_masks]
-
-    def autocast():
-        if dtype == "bf16":
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    fns = {b: loss_fn(model, b) for b in backends}
-    if args.compile:
-        fns = {b: torch.compile(fn) for b, fn in fns.items()}
-
-    def step(backend: str, i: int) -> tuple[float, float]:
-        sync(device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        with autocast():
-            loss = fns[backend](imgs, *masks[i])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sync(device)
-        return time.perf_counter() - t0, time.process_time() - c0
-
-    print(f"fcmae bench  {datetime.date.today()}  torch {torch.__version__}  "
-          f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else platform.processor() or platform.machine()}"
-          f"  threads {torch.get_num_threads()}")
-    print(f"model {args.model}  batch {n}  image {size}px  patch {args.patch_size}  mask ratio {args.mask_ratio}  {dtype}  "
-          f"compile {args.compile}  channels_last {args.channels_last}  warmup {args.warmup}  steps {args.steps}")
-    flops = useful_flops(model, imgs, masks[0][0], autocast)  # first: every record written below has its MFU
+    step = TrainStep(args, backends, device, dtype)
+    n = args.batch_size
+    print_header(args, device, dtype)
+    flops = useful_flops(step.model, step.imgs, step.masks[0][0], step.autocast)  # first: every record has its MFU
     peak_flops = matmul_peak(device, torch.bfloat16 if dtype == "bf16" else torch.float32)
     print(f"useful work {flops / n / 1e9:.2f} GFLOP/img (fwd+bwd)  measured matmul peak "
           f"{peak_flops / 1e12:.2f} TFLOP/s ({dtype})", flush=True)
     timings = Timings(backends)
-
-    def timed(b: str, i: int) -> None:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        wall, cpu = step(b, i)
-        timings.wall[b].append(wall)
-        timings.cpu[b].append(cpu)
-        if device.type == "cuda":
-            timings.peak[b] = max(timings.peak[b], torch.cuda.max_memory_allocated(device))
 
     def save() -> None:
         if args.json is not None:
@@ -329,7 +346,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, dict[str, float]]:
 
     def profile(b: str) -> None:
         if args.profile is not None:
-            write_profile(args.profile, b, lambda: step(b, len(masks) - 1), device, args.compile)
+            write_profile(args.profile, b, lambda: step(b, len(step.masks) - 1), device, args.compile)
             print(f"wrote {os.path.join(args.profile, f'profile-{b}.txt')} (and .json)", flush=True)
 
     warm, steps = range(args.warmup), range(args.warmup, args.warmup + args.steps)
@@ -338,7 +355,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, dict[str, float]]:
             for i in warm:
                 step(b, i)
             for i in steps:
-                timed(b, i)
+                timings.measure(b, step, i, device)
             save()
             profile(b)
     else:
@@ -347,7 +364,7 @@ def benchmark(args: argparse.Namespace) -> dict[str, dict[str, float]]:
                 step(b, i)
         for i in steps:  # interleaved timing: drift hits every backend alike
             for b in backends:
-                timed(b, i)
+                timings.measure(b, step, i, device)
             save()
         for b in backends:
             profile(b)
