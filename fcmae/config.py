@@ -55,7 +55,8 @@ def _coerce(value: Any, tp: Any, key: str, raw: dict[str, str] | None = None) ->
     if origin is Literal:
         choices = get_args(tp)
         if value not in choices:
-            raise ValueError(f"config key {key!r} = {value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+            raise ValueError(f"config key {key!r} = {value!r} is not valid; choose one of: "
+                             f"{', '.join(map(str, choices))}")
         return value
     if origin in (Union, types.UnionType):
         args = get_args(tp)
@@ -80,6 +81,11 @@ def _coerce(value: Any, tp: Any, key: str, raw: dict[str, str] | None = None) ->
             return [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
         item = args[0] if args else Any
         return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    return _coerce_scalar(value, tp, key, raw)
+
+
+def _coerce_scalar(value: Any, tp: Any, key: str, raw: dict[str, str] | None) -> Any:
+    """`_coerce` for Any, bool, int (64-bit), float (finite; YAML's `1e-4` string too) and str."""
     if tp is Any:
         return value
     if tp is bool:
