@@ -266,7 +266,6 @@ class _Run:
         self.last_step: int | None = None  # step of the last.pt this process wrote (or resumed from): the NaN stop
         spe = task.steps_per_epoch
         self.total_steps, self.warmup_steps = o.epochs * spe, round(o.warmup_epochs * spe)
-        self.lr = cosine_lr(0, self.total_steps, self.warmup_steps, self.base_lr, o.min_lr)
         self.after_step, self.evaluate = _hook(task, "after_step"), _hook(task, "evaluate")
 
     def restore(self, path: str, state: dict[str, Any]) -> dict[str, Any] | None:
@@ -284,7 +283,6 @@ class _Run:
             p.epoch_counted = int(sums["steps"])
         if os.path.abspath(path) == os.path.abspath(os.path.join(self.out, ckpt_io.LAST)):
             self.last_step = p.step
-        self.lr = cosine_lr(p.step, self.total_steps, self.warmup_steps, self.base_lr, self.cfg.optim.min_lr)
         if self.main and "rng" in state:  # only rank 0's state is saved; others keep their per-rank seeds
             ckpt_io.set_rng_state(state["rng"], self.device)
         if complete(state, self.cfg.optim.epochs):  # nothing to train: say so rather than touch the run's files
@@ -305,6 +303,7 @@ class _Run:
         self.logger = MetricsLogger(self.out, enabled=self.main, tensorboard=cfg.log.tensorboard,
                                     resume_step=self.progress.step if resumed else None)
         self.run_t0, self.run_steps0 = time.time(), self.progress.step
+        self.lr = cosine_lr(self.progress.step, self.total_steps, self.warmup_steps, self.base_lr, cfg.optim.min_lr)
         summary: dict[str, Any] = {"skipped": 0}
         try:
             start = _hook(self.task, "start")
