@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download the wheels bench/gpu_call.sh installs on the GPU machine (no network there) into .whl/.
 #
-# The GPU image (shared/GPU-IMAGE.md) has torch, torchvision, numpy, pillow, pyyaml, einops, safetensors, tqdm,
+# The GPU machines' image (as read there, 2026-11) has torch, torchvision, numpy, pillow, pyyaml, einops, safetensors, tqdm,
 # tensorboard, pytest, scikit-learn and a timm of unknown version; it lacks simplejpeg (the pretraining loader's
 # JPEG decoder: `import fcmae.cli` needs it), webdataset + braceexpand, submitit (+ cloudpickle, not listed there).
 # Those travel, plus timm pinned to the version the tests pass with here (the backends use timm internals), each at

@@ -9,7 +9,7 @@ Records are JSON files, one per measurement, told apart by "schema":
   fcmae-failure/1 a command that failed, timed out or was skipped for lack of time
   fcmae-suite/1   a merge of the above (merging merged files again is fine: records are keyed, the newest wins)
 
-    python bench/gpu_suite.py merge -o bench/results/nvidia-h100-2026-11-24.json RESULTS/*.json
+    python bench/gpu_suite.py merge -o bench/results/<device>-<date>.json RESULTS/*.json
 """
 from __future__ import annotations
 

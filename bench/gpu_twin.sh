@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A twin of the GPU image, here: proves without a GPU that the one device call (bench/gpu_call.sh) will not die on
-# set-up. Builds a venv holding only what the GPU image has (shared/GPU-IMAGE.md: torch as here, and the packages
+# set-up. Builds a venv holding only what the GPU image has (as read on the lent machines: torch as here, and the packages
 # below; not webdataset, braceexpand, submitit, simplejpeg), fetches the carried wheel set for its Python
 # (bench/fetch_wheels.sh with PYVER = the twin's), and runs in it, with those wheels only:
 #   1. the imports fail WITHOUT the carried wheels (the twin is really missing them),

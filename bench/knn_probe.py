@@ -1,4 +1,4 @@
-"""Speed of the kNN probe (fcmae.knn, SPEC §6): what a monitor call or `fcmae knn` costs, and where the time goes.
+"""Speed of the kNN probe (fcmae.knn, docs/method.md): what a monitor call or `fcmae knn` costs, and where the time goes.
 
 Part 1, the probe as the monitor runs it: a random-init encoder on the built-in digits (eval transform), the
 feature extraction of the train and val splits and the weighted vote, timed separately, plus the whole

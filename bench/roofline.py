@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from convnextv2.checkpoint.arch import SIZES  # noqa: E402
 
-# Measured on the lent machines (shared/GPU-IMAGE.md): an 8192^3 bf16 matmul, device-to-device copy bandwidth.
+# Measured on the lent GPU machines (2026-11): an 8192^3 bf16 matmul, device-to-device copy bandwidth.
 DEVICES = {
     "h100": {"name": "NVIDIA H100 80GB HBM3", "bf16_tflops": 790.0, "fp32_tflops": 51.0, "tb_s": 3.0,
              "datasheet": "989 TFLOP/s bf16 dense, 3.35 TB/s"},

@@ -11,7 +11,7 @@ from torch import nn
 
 from convnextv2.timm_names import SIZES, timm_name
 
-# timm's ConvNeXt V2 family, smallest first (SPEC §1 lists atto..huge; timm also has `small`).
+# timm's ConvNeXt V2 family, smallest first (docs/method.md lists atto..huge; timm also has `small`).
 MODEL_NAMES: tuple[str, ...] = tuple(name for name in SIZES if name in timm.list_models("convnextv2_*"))
 # Mask patch sides (= the encoder's total stride) FCMAE supports: the paper's 32 (timm's 4x4 stem) and 16 / 8 for small
 # images (a 2x2 / 1x1 stem). The three downsamples halve the resolution each, so the stem stride is patch_size // 8.

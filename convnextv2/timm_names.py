@@ -1,6 +1,6 @@
 """timm names for ConvNeXt V2 at total stride 16 and 8, registered with timm's own `register_model`.
 
-timm's `convnextv2_<size>` has total stride 32 (a 4x4 stem). FCMAE on small images pretrains at 16 or 8 (SPEC §6), so
+timm's `convnextv2_<size>` has total stride 32 (a 4x4 stem). FCMAE on small images pretrains at 16 or 8 (docs/method.md), so
 importing `convnextv2` registers, per size:
 - `convnextv2_<size>_s16`: a 2x2/2 stem and no stage-0 downsample (stages at strides 2, 4, 8, 16), the layout of
   transformers' ConvNextV2 with patch_size=2. (timm's own `patch_size=2` keeps a 2x2/2 downsample in stage 0 and a
@@ -24,7 +24,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models.convnext import ConvNeXt
 from torch import nn
 
-# timm's convnextv2_<size> definitions (SPEC §1; `small` is timm's own): depths, dims, conv_mlp. atto..nano build the
+# timm's convnextv2_<size> definitions (docs/method.md, "Model sizes"; `small` is timm's own): depths, dims, conv_mlp. atto..nano build the
 # MLP as 1x1 convs, so their mlp.fc weights are (out, in, 1, 1) instead of (out, in).
 SIZES: dict[str, tuple[tuple[int, ...], tuple[int, ...], bool]] = {
     "convnextv2_atto": ((2, 2, 6, 2), (40, 80, 160, 320), True),

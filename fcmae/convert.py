@@ -16,7 +16,7 @@ FCMAE_VERSION = 1
 
 
 def fcmae_checkpoint(model: FCMAE, model_args: dict[str, Any]) -> dict[str, Any]:
-    """The FCMAE checkpoint dict of CONTRACTS.md without training state (loadable with weights_only=True)."""
+    """The FCMAE checkpoint dict of docs/checkpoints.md without training state (loadable with weights_only=True)."""
     return {"format": "fcmae", "version": FCMAE_VERSION, "model": model.state_dict(), "model_args": dict(model_args)}
 
 

@@ -71,7 +71,7 @@ class FinetuneModelConfig:
     in_chans: Optional[int] = None  # input channels; None: the pretrained checkpoint's (3 from scratch)
     patch_size: Optional[int] = None  # total stride 32 / 16 / 8 (stem stride /8); None: the checkpoint's (32 from scratch)
     drop_path: float = 0.1  # stochastic depth rate (timm drop_path_rate)
-    head_init_scale: float = 0.001  # fresh classifier weights are scaled by this (SPEC §3)
+    head_init_scale: float = 0.001  # fresh classifier weights are scaled by this (docs/method.md, "Fine-tuning recipes")
 
     def check(self) -> None:
         if self.name not in MODEL_NAMES:

@@ -1,4 +1,4 @@
-"""The kNN probe of SPEC §6 (the usual SSL protocol, as in DINO and lightly) on frozen encoder features.
+"""The kNN probe of docs/method.md (the usual SSL protocol, as in DINO and lightly) on frozen encoder features.
 
 features: the encoder's globally average-pooled last stage, `forward_features(x).mean((H, W))` (before timm's head,
     so before head.norm, which FCMAE pretraining never trains), L2-normalised;

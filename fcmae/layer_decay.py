@@ -1,4 +1,4 @@
-"""Layer-wise lr decay for fine-tuning (SPEC §3): per-parameter lr scales for `fcmae.engine.optim.param_groups`.
+"""Layer-wise lr decay for fine-tuning (docs/method.md, "Fine-tuning recipes"): per-parameter lr scales for `fcmae.engine.optim.param_groups`.
 
 The weight-decay rule (none on biases and 1-D params, which includes GRN weight/bias in timm) lives in the engine;
 this module only says how much smaller each parameter's lr is than the head's.

@@ -1,4 +1,4 @@
-"""Random patch masks and the patch <-> image reshapes of SPEC §2."""
+"""Random patch masks and the patch <-> image reshapes of docs/method.md."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""FCMAE: sparse ConvNeXt V2 encoder + light ConvNeXt V2 decoder + norm-pix MSE on masked patches (SPEC §2)."""
+"""FCMAE: sparse ConvNeXt V2 encoder + light ConvNeXt V2 decoder + norm-pix MSE on masked patches (docs/method.md)."""
 from __future__ import annotations
 
 import torch
@@ -28,7 +28,7 @@ class FCMAEDecoder(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # std .02 everywhere (SPEC §5.2: the reference's std 1.0 override is a defect).
+        # std .02 everywhere (docs/method.md, departure 2: the reference's std 1.0 override is a defect).
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 trunc_normal_(m.weight, std=0.02)
@@ -50,7 +50,7 @@ class FCMAE(nn.Module):
 
     forward(imgs, mask=None, visible=None) -> (loss, pred, mask)
         imgs (N, in_chans, H, W), normalised, H and W multiples of the patch size p (`patch_size`: 32, 16 or 8)
-        mask (N, H/p, W/p), 1 = masked; drawn per SPEC §2 when None
+        mask (N, H/p, W/p), 1 = masked; drawn as in docs/method.md when None
         visible (N, V) long, `convnextv2.visible_patches(mask)` on imgs' device, or None (the backend computes them:
             a host sync on a GPU; the training loop draws masks on the CPU and passes both)
         loss scalar: per-patch MSE (on normalised pixels if norm_pix_loss) averaged over masked patches only

@@ -127,7 +127,7 @@ class PretrainTask:
     def checkpoint_header(self) -> dict[str, Any]:
         return checkpoint_header(self.cfg)
 
-    # --- the kNN monitor (rank 0; SPEC §6) ------------------------------------------------------------------------
+    # --- the kNN monitor (rank 0; docs/method.md) ------------------------------------------------------------------------
     def monitor_splits(self):
         """The monitor's labeled splits (eval transform on both), built now so a bad monitor.data fails early."""
         from fcmae.knn import check_neighbours, probe_splits

@@ -91,7 +91,7 @@ class DataConfig:
 
 @dataclass
 class MonitorConfig:
-    """kNN probe of the encoder on a labeled set during pretraining (SPEC §6). Off unless every_epochs > 0."""
+    """kNN probe of the encoder on a labeled set during pretraining (docs/method.md). Off unless every_epochs > 0."""
     every_epochs: int = 0  # after every N epochs (and the last); also once before the first epoch. 0 = off
     k: int = 20  # neighbours that vote
     temperature: float = 0.07  # vote weight exp(cosine / temperature)

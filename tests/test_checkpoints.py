@@ -1,4 +1,4 @@
-"""Checkpoints (SPEC §4): every format round-trips exactly, converted models compute the same function, timm and
+"""Checkpoints (docs/checkpoints.md): every format round-trips exactly, converted models compute the same function, timm and
 transformers load what we export, and bad files fail with one clear error each."""
 
 import pytest
@@ -27,7 +27,7 @@ def known_model(name="convnextv2_atto", num_classes=10) -> ConvNeXt:
     return randomize_grn(model).eval()
 
 
-# --- layouts, written out from SPEC §4 with loops (the oracle) ---------------------------------------------------
+# --- layouts, written out from docs/checkpoints.md with loops (the oracle) ---------------------------------------------------
 
 def spec_dw_kernel(w):  # kernel[a + k*b, c] == W[c, 0, a, b]
     c, _, k, _ = w.shape
@@ -81,7 +81,7 @@ def build_format(fmt: str, model: ConvNeXt):
         return {"model": ref, "epoch": 99}
     if fmt == "pt_only":  # released FCMAE encoder weights: `encoder.` prefix, no final norm / head, no decoder
         return {"model": {f"encoder.{k}": v for k, v in ref.items() if not k.startswith(("norm.", "head."))}}
-    if fmt == "minkowski":  # the reference FCMAE model: sparse encoder + dense decoder, built with SPEC's loops
+    if fmt == "minkowski":  # the reference FCMAE model: sparse encoder + dense decoder, built with the loops above
         enc = {}
         for k, v in ref.items():
             if k.startswith(("norm.", "head.")):
@@ -158,7 +158,7 @@ def test_format_round_trip(fmt, suffix, tmp_path):
         else:  # fresh head: the fine-tune init (scale 0.001) and the LN at identity
             assert 1.5e-5 < fresh.head.fc.weight.std().item() < 2.5e-5 and fresh.head.fc.bias.abs().max() == 0
             assert torch.equal(fresh.head.norm.weight, torch.ones(320))
-    if fmt == "minkowski":  # our writer produces exactly what SPEC's loops built
+    if fmt == "minkowski":  # our writer produces exactly what the loops above built
         mk, dropped = timm_to_minkowski(model.state_dict())
         enc = {k[len("encoder."):]: v for k, v in obj["model"].items() if k.startswith("encoder.")}
         assert mk.keys() == enc.keys() and all(torch.equal(mk[k], enc[k]) for k in mk)

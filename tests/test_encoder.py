@@ -1,4 +1,4 @@
-"""SparseEncoder vs timm's own forward, and the no-leak property of SPEC §2."""
+"""SparseEncoder vs timm's own forward, and the no-leak property of docs/method.md."""
 import pytest
 import torch
 
@@ -53,7 +53,7 @@ def test_masked_output_differs_from_dense():
 
 
 def test_per_sample_grn(backend):
-    # SPEC §5.1: GRN pools per sample. A sample's output must not depend on the other samples in the batch.
+    # docs/method.md, departure 1: GRN pools per sample. A sample's output must not depend on the other samples in the batch.
     enc = randomize_grn(create_encoder("convnextv2_atto")).eval()
     sparse = SparseEncoder(enc, backend)
     x = torch.randn(4, 3, 64, 96)
@@ -65,7 +65,7 @@ def test_per_sample_grn(backend):
 
 
 def test_output_shape_independent_of_mask_position():
-    # SPEC §5.4: only the top-left patch visible still gives the full (H/32, W/32) map, batch size 1.
+    # docs/method.md, departure 4: only the top-left patch visible still gives the full (H/32, W/32) map, batch size 1.
     enc = create_encoder("convnextv2_atto").eval()
     mask = torch.ones(1, 3, 5)
     mask[0, 0, 0] = 0

@@ -1,4 +1,4 @@
-"""Engine pieces: weight-decay groups, the AdamW kernels and the warmup + cosine schedule (SPEC §2 formulas)."""
+"""Engine pieces: weight-decay groups, the AdamW kernels and the warmup + cosine schedule (the formulas of docs/method.md)."""
 import json
 import math
 import time

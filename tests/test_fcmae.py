@@ -1,4 +1,4 @@
-"""FCMAE model: loss against SPEC §2's formula, no leak into the loss, shapes, overfitting, errors."""
+"""FCMAE model: loss against docs/method.md's formula, no leak into the loss, shapes, overfitting, errors."""
 import pytest
 import torch
 
@@ -7,7 +7,7 @@ from fcmae import FCMAE
 
 
 def reference_loss(imgs, pred, mask, p, norm_pix):
-    """SPEC §2 written out with loops and no shared code: per-patch (row, col, channel) vectors."""
+    """docs/method.md's loss written out with loops and no shared code: per-patch (row, col, channel) vectors."""
     n, c, h, w = imgs.shape
     total, count = 0.0, 0
     for i in range(n):
@@ -73,7 +73,7 @@ def test_decoder_init_std():
     model = FCMAE("convnextv2_base", decoder_dim=512)
     for name, p in model.decoder.named_parameters():
         if p.ndim > 1:
-            assert 0.015 < p.std().item() < 0.025, name  # SPEC §5.2: std .02, not 1.0
+            assert 0.015 < p.std().item() < 0.025, name  # docs/method.md, departure 2: std .02, not 1.0
 
 
 def test_overfit_one_batch():

@@ -186,7 +186,7 @@ def test_channel_mismatches_fail_before_training(data, tmp_path):
         finetune(config(str(tmp_path / "d"), f"data.path={data}", "model.in_chans=2", "data.mean=[0.4,0.5]"))
     assert not any(os.path.exists(tmp_path / d / "last.pt") for d in "abcd")
 
-# SPEC §3, written out: size -> (blr, wd, layer decay, scheme, epochs, warmup, drop path, mixup, cutmix, smoothing)
+# docs/method.md's fine-tuning table, written out: size -> (blr, wd, layer decay, scheme, epochs, warmup, drop path, mixup, cutmix, smoothing)
 RECIPES = {
     "atto": (2e-4, 0.3, 0.9, "single", 600, 0, 0.1, 0, 0, 0.2),
     "femto": (2e-4, 0.05, 0.9, "single", 600, 0, 0.0, 0.3, 0.3, 0.2),

@@ -1,4 +1,4 @@
-"""The kNN probe (SPEC §6) against a hand-written numpy oracle; the pretraining monitor (baseline, schedule, exact
+"""The kNN probe (docs/method.md) against a hand-written numpy oracle; the pretraining monitor (baseline, schedule, exact
 resume, no effect on training); `fcmae knn` on a run's checkpoint."""
 import json
 import os
@@ -96,7 +96,7 @@ def test_probe_on_digits_equals_oracle_on_per_image_features():
     assert torch.equal(torch.get_rng_state(), rng)  # drew nothing from the global RNG
     assert (result.train_images, result.val_images, result.skipped) == (50, 40, 0)
 
-    def features(ds):  # one image at a time, timm's own forward, the SPEC's pooling
+    def features(ds):  # one image at a time, timm's own forward, the pooling of docs/method.md
         with torch.no_grad():
             rows = [encoder.forward_features(ds[i][0][None]).mean((2, 3))[0] for i in range(len(ds))]
         return torch.stack(rows).numpy(), np.array([ds[i][1] for i in range(len(ds))])

@@ -1,4 +1,4 @@
-"""Layer decay scales against the tables of SPEC §3, written out by hand for tiny (single) and base (group)."""
+"""Layer decay scales against the tables of docs/method.md's fine-tuning table, written out by hand for tiny (single) and base (group)."""
 import pytest
 import torch
 

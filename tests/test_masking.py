@@ -5,7 +5,7 @@ from fcmae.masking import num_visible, patchify, random_mask, unpatchify
 
 
 def test_visible_count_matches_spec():
-    assert num_visible(49, 0.6) == 19  # SPEC §2: 224 px, ratio 0.6 -> 19 visible, 30 masked
+    assert num_visible(49, 0.6) == 19  # docs/method.md: 224 px, ratio 0.6 -> 19 visible, 30 masked
     mask = random_mask(16, (7, 7), 0.6)
     assert mask.shape == (16, 7, 7)
     assert set(mask.unique().tolist()) == {0.0, 1.0}

@@ -104,7 +104,7 @@ def test_minkowski_missing_says_how_to_install(monkeypatch):
 
 
 def test_kernel_layouts_follow_spec():
-    # SPEC §4: kernel[a + k*b, i, o] == W[o, i, a, b], a = row offset (first spatial axis fastest).
+    # docs/checkpoints.md: kernel[a + k*b, i, o] == W[o, i, a, b], a = row offset (first spatial axis fastest).
     conv = torch.nn.Conv2d(3, 5, kernel_size=2, stride=2)
     kernel = conv_kernel(conv)
     assert kernel.shape == (4, 3, 5)

@@ -1,5 +1,5 @@
 """Every backend at mask patch 16 and 8 (stem stride 2 / 1): equal to the dense timm network with nothing masked,
-equal to `masked` (features, FCMAE loss, predictions, every gradient) in fp32, and the loss is SPEC §2's formula."""
+equal to `masked` (features, FCMAE loss, predictions, every gradient) in fp32, and the loss is docs/method.md's formula."""
 import copy
 
 import pytest
@@ -53,7 +53,7 @@ def test_all_visible_equals_dense_timm(case, backend):
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_backend_matches_masked(case, backend):
-    """FCMAE features, loss, predictions and all gradients of `backend` vs `masked`, and the loss vs SPEC §2."""
+    """FCMAE features, loss, predictions and all gradients of `backend` vs `masked`, and the loss vs docs/method.md's formula."""
     patch, size, batch, kwargs = CASES[case]
     ref = randomize_grn(FCMAE(model_name(kwargs), decoder_dim=32, backend="masked", patch_size=patch, **kwargs))
     ours = copy.deepcopy(ref)

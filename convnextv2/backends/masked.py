@@ -1,4 +1,4 @@
-"""`masked`: the reference semantics (SPEC §2) with dense ops and re-masking. Simplest, slowest, the oracle.
+"""`masked`: the reference semantics (docs/method.md, "The sparse encoder") with dense ops and re-masking. Simplest, slowest, the oracle.
 
 Submanifold sparse convolution equals dense convolution on a grid that is zero at masked positions, kept only at
 visible positions. Everything else in a ConvNeXt V2 block is per position except GRN, whose spatial L2 norm must

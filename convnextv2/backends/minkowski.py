@@ -9,9 +9,9 @@ How the timm ConvNeXt V2 maps onto MinkowskiEngine (ME), as in the reference `Sp
 - depthwise 7x7: `MinkowskiChannelwiseConvolution`, downsample 2x2/2: `MinkowskiConvolution`; their kernels are
   computed on every call from the timm weights (`depthwise_kernel`, `conv_kernel`), so gradients reach timm's
   parameters through ME's own autograd functions;
-- LayerNorm, MLP, GELU on the features; GRN per sample over that sample's points (SPEC §5.1, not per batch);
-- densify to (N, C, H/p, W/p) with the shape given explicitly (SPEC §5.4).
-`reference_sparse_state_dict` exports exactly these kernels in the reference's sparse checkpoint layout (SPEC §4).
+- LayerNorm, MLP, GELU on the features; GRN per sample over that sample's points (docs/method.md, departure 1: not per batch);
+- densify to (N, C, H/p, W/p) with the shape given explicitly (docs/method.md, departure 4).
+`reference_sparse_state_dict` exports exactly these kernels in the reference's sparse checkpoint layout (docs/checkpoints.md).
 """
 from __future__ import annotations
 
@@ -145,7 +145,7 @@ def minkowski_forward(encoder: ConvNeXt, x: torch.Tensor, mask: torch.Tensor, vi
         raise ValueError(f"this MinkowskiEngine build is CPU-only but the input is on {x.device}; run on CPU or "
                          "rebuild it with CUDA (MINKOWSKI_CUDA=1 make minkowski)")
     n, (h, w) = x.shape[0], keep.shape[1:]
-    # ME's kernels are fp32/fp64 only (SPEC §5.3): run this backend without autocast.
+    # ME's kernels are fp32/fp64 only (docs/method.md, departure 3): run this backend without autocast.
     with torch.autocast(x.device.type, enabled=False):
         y = encoder.stem(x if x.dtype in (torch.float32, torch.float64) else x.float())  # dense, full image
         h0, w0 = y.shape[-2:]
@@ -169,7 +169,7 @@ def minkowski_forward(encoder: ConvNeXt, x: torch.Tensor, mask: torch.Tensor, vi
 # ---- export in the reference's sparse layout -----------------------------------------------------------------------
 
 def reference_sparse_state_dict(encoder: ConvNeXt, prefix: str = "encoder.") -> dict[str, torch.Tensor]:
-    """The kernels this backend hands ME, keyed as the reference `SparseConvNeXtV2` (SPEC §4), detached copies.
+    """The kernels this backend hands ME, keyed as the reference `SparseConvNeXtV2` (docs/checkpoints.md), detached copies.
 
     Keys (prefix + ...): `downsample_layers.0.{0,1}` dense stem conv and LayerNorm; `downsample_layers.i.0.ln` and
     `downsample_layers.i.1.{kernel (4, Cin, Cout), bias (1, Cout)}`; per block `stages.s.b.dwconv.{kernel (49, C),

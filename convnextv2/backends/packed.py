@@ -9,7 +9,7 @@ those tokens run, at the visible fraction of the dense cost:
 Only the 7x7 depthwise conv needs neighbours: tokens are scattered into a zero-filled (N, H_s, W_s, C) grid (a
 channels_last view, which the depthwise conv kernels prefer) and its output gathered back. The scatter/gather
 indices are built once per stage and reused by every block. GRN's L2 norm is taken over the token axis, i.e. per
-sample over visible positions only (SPEC §2 and §5.1). Same timm module and weights as `masked`, same numbers.
+sample over visible positions only (docs/method.md: the sparse encoder; departure 1). Same timm module and weights as `masked`, same numbers.
 """
 from __future__ import annotations
 

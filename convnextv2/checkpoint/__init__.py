@@ -1,4 +1,4 @@
-"""ConvNeXt V2 checkpoints: read every format safely (SPEC §4), convert to timm / Hugging Face, load for fine-tuning.
+"""ConvNeXt V2 checkpoints: read every format safely (docs/checkpoints.md), convert to timm / Hugging Face, load for fine-tuning.
 
     weights = read_encoder("convnextv2_atto_1k_224_fcmae.pt")          # auto-detects format and size
     info = load_encoder_weights(timm_model, "run/last.pt")              # info.summary(): what starts fresh

@@ -24,7 +24,7 @@ from convnextv2.checkpoint.minkowski import minkowski_to_timm
 from convnextv2.checkpoint.reference import reference_to_timm
 from convnextv2.encoder import create_convnextv2
 
-HEAD_INIT_SCALE = 0.001  # the fine-tune recipes' head init scale (SPEC §3), timm's `head_init_scale`
+HEAD_INIT_SCALE = 0.001  # the fine-tune recipes' head init scale (docs/method.md, "Fine-tuning recipes"), timm's `head_init_scale`
 HEAD_KEYS = ("head.norm.weight", "head.norm.bias", "head.fc.weight", "head.fc.bias")
 
 
@@ -230,7 +230,7 @@ def require_name(arch: Arch) -> str:
 
 def load_encoder_weights(model: nn.Module, src: str | os.PathLike | dict | EncoderWeights,
                          head_init_scale: float | None = HEAD_INIT_SCALE) -> LoadInfo:
-    """Load any ConvNeXt V2 checkpoint (any format of SPEC §4) into a timm ConvNeXt, for fine-tuning.
+    """Load any ConvNeXt V2 checkpoint (any format of docs/checkpoints.md) into a timm ConvNeXt, for fine-tuning.
 
     Every encoder tensor must fit (else a ValueError names the size the file implies and the offending keys).
     head.norm / head.fc come from the file when it has them with matching shapes; otherwise they start fresh:

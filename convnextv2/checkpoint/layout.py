@@ -1,4 +1,4 @@
-"""Weight layouts of MinkowskiEngine convolutions vs torch's Conv2d (SPEC §4), as small public functions.
+"""Weight layouts of MinkowskiEngine convolutions vs torch's Conv2d (docs/checkpoints.md), as small public functions.
 
 MinkowskiEngine stores a 2-D convolution kernel as (k*k, Cin, Cout) and a depthwise one as (k*k, C). Its kernel
 offsets are ordered with the first spatial axis varying fastest:

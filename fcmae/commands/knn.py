@@ -1,4 +1,4 @@
-"""`fcmae knn CKPT [key=value ...]`: the kNN probe (SPEC §6) of any checkpoint fcmae reads, on a labeled set.
+"""`fcmae knn CKPT [key=value ...]`: the kNN probe (docs/method.md) of any checkpoint fcmae reads, on a labeled set.
 
 The same probe the pretraining monitor runs (fcmae.knn), standalone: to compare checkpoints, a released encoder and
 random init, or epochs of a run after the fact.
@@ -50,7 +50,7 @@ def checkpoint_data(raw: Any) -> dict[str, Any]:
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "knn", help="kNN top-1 of a checkpoint's frozen encoder features on a labeled set",
-        description="The kNN probe (SPEC §6, the usual SSL protocol): pooled last-stage features of CKPT's encoder "
+        description="The kNN probe (docs/method.md, the usual SSL protocol): pooled last-stage features of CKPT's encoder "
         "(globally average-pooled, before the head; L2-normalised), each val image's k=20 nearest train images by "
         "cosine similarity vote with weight exp(sim / 0.07); prints top-1. CKPT: any checkpoint fcmae reads (an "
         "FCMAE run's last.pt, a fine-tune checkpoint, timm / HF / reference files). Data: data.path with train/ "

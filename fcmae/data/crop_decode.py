@@ -142,7 +142,7 @@ def decode_crop(src, in_chans: int, box_fn: Callable[[Image.Image], Box], size: 
 
 
 class CropDecode:
-    """Pretraining augmentation (SPEC §2) from an encoded image: RandomResizedCrop(size, (min_scale, 1), 3/4-4/3,
+    """Pretraining augmentation (docs/method.md) from an encoded image: RandomResizedCrop(size, (min_scale, 1), 3/4-4/3,
     bicubic) + horizontal flip -> (in_chans, size, size) uint8. Normalisation happens batched on the device
     (`fcmae.data.device.to_device`).
 

@@ -1,4 +1,4 @@
-"""Transforms of SPEC §2 for any in_chans: RandomResizedCrop(scale (min_scale, 1), bicubic) + flip + normalise.
+"""Pretraining transforms (docs/method.md) for any in_chans: RandomResizedCrop(scale (min_scale, 1), bicubic) + flip + normalise.
 
 Training uses `train_transform` (crop-first decode to uint8, normalised on the device); `plain_train_transform` is
 the float all-on-CPU pipeline it replaces, kept as the reference for tests and bench/data_loading.py."""

@@ -19,7 +19,7 @@ class OptimConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     accum_steps: int = 1  # gradient accumulation: micro-batches per optimizer step
-    clip_grad: Optional[float] = None  # max grad norm; None = no clipping (SPEC §2)
+    clip_grad: Optional[float] = None  # max grad norm; None = no clipping (the paper's recipe)
 
     def check(self) -> None:
         if self.epochs < 1:

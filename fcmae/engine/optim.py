@@ -59,7 +59,7 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
 
 
 def scaled_lr(blr: float, effective_batch: int) -> float:
-    """lr = blr * effective batch / 256 (SPEC §2; effective batch = global batch per optimizer step)."""
+    """lr = blr * effective batch / 256 (docs/method.md; effective batch = global batch per optimizer step)."""
     return blr * effective_batch / 256
 
 
