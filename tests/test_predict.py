@@ -85,15 +85,21 @@ def test_predictions_are_timm_softmax_and_eval_top1(run, tmp_path, capsys):
     best = torch.load(out / "best.pt", weights_only=True)["model"]
     assert all(torch.equal(v, best[k]) for k, v in oracle.state_dict().items())  # one epoch: best.pt = the export
 
-    for ckpt, name in ((out / "best.pt", "p.csv"), (out / "model.safetensors", "p.jsonl"), (out, "dir.csv")):
+    hf = tmp_path / "hf"  # a transformers folder: its config.json's id2label, its preprocessor_config.json
+    assert main(["convert", str(out / "best.pt"), str(hf), "--to", "hf"]) == 0
+    capsys.readouterr()
+    for ckpt, name in ((out / "best.pt", "p.csv"), (out / "model.safetensors", "p.jsonl"), (out, "dir.csv"),
+                       (hf, "hf.csv")):
         dst = tmp_path / name
         assert main(["predict", str(ckpt), str(val), "--out", str(dst), "--topk", "2", "--batch-size", "5",
                      *QUIET]) == 0
         said = capsys.readouterr().out
+        if ckpt == hf:
+            assert "preprocessing from" in said and "config.json + preprocessor_config.json" in said
         assert f"{len(files)} images -> {dst} (top-2 of 3 classes, 64 px, crop_pct 0.95); none unreadable" in said
         assert_rows_match(read_rows(dst), files, probs, classes, 2)
         assert (tmp_path / name).with_suffix(".skipped.txt").read_text() == ""
-    assert [p for p in os.listdir(tmp_path) if p.endswith(".tmp")] == []
+    assert [p for p in os.listdir(tmp_path) if p.startswith(".")] == []  # no temp file left
 
     # the top-1 over the labeled folder is fcmae eval's
     assert main(["eval", str(out / "best.pt"), f"data.path={val.parent}", "data.num_workers=0"]) == 0
