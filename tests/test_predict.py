@@ -7,6 +7,8 @@ import csv
 import json
 import math
 import os
+import shlex
+import shutil
 
 import numpy as np
 import pytest
@@ -217,3 +219,26 @@ def test_all_unreadable_is_an_error_subprocess(grey_classifier, tmp_path):
     err = [line for line in done.stderr.splitlines() if not line.startswith("skipping unreadable image")]
     one_line("\n".join(err), "fcmae predict: error: none of the 2 image files could be decoded")
     assert not dst.exists() and not dst.with_suffix(".skipped.txt").exists()
+
+
+def test_readme_command_runs_as_printed(demo_finetune_run, photos, tmp_path, capsys, monkeypatch):
+    """README's command, in a folder holding runs/demo-finetune, photos/ and scan.png: the CSV header README shows,
+    a row per readable image, the digits' class names."""
+    from readme import code_block
+
+    shutil.copytree(demo_finetune_run, tmp_path / "runs" / "demo-finetune")
+    shutil.copytree(photos, tmp_path / "photos")
+    smooth_image(np.random.default_rng(1), 30).save(tmp_path / "scan.png")
+    monkeypatch.chdir(tmp_path)
+    section = "## Predicting (`fcmae predict`)"
+    command = [line for line in code_block(section, "bash").splitlines() if line.startswith("fcmae ")]
+    assert len(command) == 1
+    assert main([*shlex.split(command[0])[1:], "--num-workers", "0", "--no-progress"]) == 0
+    assert "preprocessing" not in capsys.readouterr().out  # a checkpoint of this project: its config says it all
+    lines = open("preds.csv").read().splitlines()
+    assert lines[0] == code_block(section, "text").strip()
+    rows = read_rows("preds.csv")
+    assert [r["filename"] for r in rows] == ["photos/single.jpg", "photos/z.jpg", "photos/a/wide.png",
+                                             "photos/b/deep/grey.png", "scan.png"]
+    assert all(r["label"] == [str(i) for i in r["index"]] and len(r["prob"]) == 3 for r in rows)
+    assert open("preds.skipped.txt").read() == "photos/b/broken.jpg\n"
