@@ -62,7 +62,8 @@ def classifier_from_weights(weights: EncoderWeights, where: str) -> torch.nn.Mod
 
     fc = weights.state_dict.get("head.fc.weight")
     if fc is None:
-        raise ValueError(f"{where!r} has no classifier (head.fc): it is an encoder; fine-tune it first (fcmae finetune)")
+        raise ValueError(f"{where!r} has no classifier (head.fc): it is an encoder; fine-tune it first "
+                         "(fcmae finetune)")
     if weights.arch.name is None:
         raise ValueError(f"{where!r} holds {weights.arch.describe()}, which matches no timm convnextv2_* model")
     sd, fresh = timm_classifier_state_dict(weights, int(fc.shape[0]))

@@ -23,6 +23,7 @@ from convnextv2.checkpoint import load_encoder_weights, save_state_dict
 from convnextv2.checkpoint.hub import metadata, timm_backbone_config
 from convnextv2.encoder import create_convnextv2
 from fcmae.cli import main
+from fcmae.knn import pooled_features
 from fcmae.onnx_export import ONNX_OPSET, save_checked
 from fresh import run_fresh
 from readme import code_blocks
@@ -120,7 +121,8 @@ def test_readme_exports_match_timm_and_run_as_printed(in_runs, capsys, monkeypat
         assert np.abs(np.load("stage3.npy") - want.numpy()).max() <= 1e-4 * max(1.0, want.abs().max().item())
 
 
-@pytest.mark.parametrize("in_chans, patch, backbone", [(4, 32, False), (3, 8, True)], ids=["rgba-p32", "rgb-p8-backbone"])
+@pytest.mark.parametrize("in_chans, patch, backbone", [(4, 32, False), (3, 8, True)],
+                         ids=["rgba-p32", "rgb-p8-backbone"])
 def test_other_layouts(in_chans, patch, backbone, tmp_path, capsys):
     """A random classifier of 4 channels at patch 32 (a bare torch state_dict: exported at the default 224 px), a
     random encoder of 3 channels at patch 8 (safetensors carrying a backbone config of 32 px): onnxruntime == the torch
@@ -151,7 +153,10 @@ def test_other_layouts(in_chans, patch, backbone, tmp_path, capsys):
     want = want[3] if backbone else want
     assert np.abs(np.load(tmp_path / "out.npy") - want.numpy()).max() <= 1e-4 * max(1.0, want.abs().max().item())
     carried = json.loads(ort.InferenceSession(str(dst)).get_modelmeta().custom_metadata_map["timm_config"])
-    if backbone:
+    if backbone:  # the pooled last stage is fcmae embed's vector
+        x = torch.randn(2, in_chans, size, size)
+        pooled = ort_outputs(dst, x)[3].mean(axis=(2, 3))
+        assert np.abs(pooled - pooled_features(model, x).detach().numpy()).max() <= 1e-4
         said = printed.split("wrote ", 1)[1]
         assert "stage0 (batch, 40, height/1, width/1)" in said and "stage3 (batch, 320, height/8, width/8)" in said
         assert carried == config
@@ -191,14 +196,18 @@ def test_refusal_subprocess(demo_pretrain, tmp_path):
 
 
 class FakeProgram:
-    """What save_checked needs of torch's ONNXProgram: metadata_props and save."""
+    """What save_checked needs of torch's ONNXProgram: metadata_props and save (with `external`, the weights in
+    PATH.data beside it, as the exporter saves a model over 2 GB)."""
 
-    def __init__(self):
-        self.model = SimpleNamespace(metadata_props={})
+    def __init__(self, external: bool = False):
+        self.model, self.external = SimpleNamespace(metadata_props={}), external
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:
             f.write(json.dumps(self.model.metadata_props))
+        if self.external:
+            with open(path + ".data", "w") as f:
+                f.write("weights")
 
 
 def test_a_failed_check_writes_nothing(tmp_path, monkeypatch):
@@ -212,3 +221,6 @@ def test_a_failed_check_writes_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(onnx_export, "onnxruntime_error", lambda *a: 1e-7)
     assert save_checked(FakeProgram(), dst, {"timm_config": "{}"}, None, None) == 1e-7
     assert os.listdir(tmp_path) == ["m.onnx"] and json.loads(dst.read_text()) == {"timm_config": "{}"}
+    big = tmp_path / "big" / "huge.onnx"
+    save_checked(FakeProgram(external=True), big, {}, None, None)
+    assert sorted(os.listdir(big.parent)) == ["huge.onnx", "huge.onnx.data"]

@@ -1,6 +1,6 @@
 """`fcmae convert SRC DST`: any ConvNeXt V2 checkpoint -> a timm classifier, a timm backbone (the encoder for
-detection / segmentation), a Hugging Face state_dict, or an FCMAE checkpoint with a fresh decoder (to continue
-pretraining from released weights).
+detection / segmentation), a Hugging Face state_dict, an FCMAE checkpoint with a fresh decoder (to continue
+pretraining from released weights), or an ONNX file of the dense classifier / backbone (fcmae.onnx_export).
 
 The reading, detection and format rules live in `convnextv2.checkpoint`, the FCMAE side in fcmae.convert.
 """
@@ -33,9 +33,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "the reference repo's dense / pt_only / MinkowskiEngine files, Hugging Face transformers; .pth/.pt or "
         ".safetensors), detect its format and size, and write it as a timm classifier (head.norm/head.fc fresh "
         "unless the source has them; head init scale 0.001), a timm backbone (no classifier; with its stage channels "
-        "and strides, for timm's features_only), a Hugging Face ConvNextV2 state_dict, or an FCMAE checkpoint with a "
-        "fresh decoder. Files are only read with weights_only=True or safetensors. Prints the line that loads a timm "
-        "output.",
+        "and strides, for timm's features_only), a Hugging Face ConvNextV2 state_dict, an FCMAE checkpoint with a "
+        "fresh decoder, or an ONNX file (--to onnx: the classifier's logits; --to onnx-backbone: the four stage "
+        "outputs; opset 18, dynamic batch and image size, checked in onnxruntime). Files are only read with "
+        "weights_only=True or safetensors. Prints the line that loads a timm output (the onnxruntime line for ONNX).",
     )
     p.add_argument("src", help="checkpoint to read")
     p.add_argument("dst", help="file to write: .safetensors (recommended for timm/hf), .pth or .pt; for --to hf a "

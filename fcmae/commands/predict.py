@@ -19,7 +19,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "unreadable images are left out and listed in OUT-without-suffix + .skipped.txt. "
         "Example: fcmae predict runs/ft/best-ema.pt photos/ --out preds.csv --topk 3",
     )
-    p.add_argument("ckpt", help="classifier checkpoint file, or a folder holding an export's model.safetensors")
+    p.add_argument("ckpt", metavar="CKPT", help="classifier checkpoint file, or a folder holding an export's "
+                   "model.safetensors")
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders of images")
     p.add_argument("--out", required=True, help="output file: *.csv or *.jsonl")
     p.add_argument("--topk", type=int, default=5, help="classes per image, most probable first (default 5; at most "
