@@ -107,11 +107,17 @@ def export_config(weights: EncoderWeights, raw: Any, src: str, backbone: bool, n
 def export_program(model: nn.Module, example: torch.Tensor, output_names: list[str]):
     """torch.onnx.export (torch.export-based, opset ONNX_OPSET) with dynamic batch, height and width ->
     torch.onnx.ONNXProgram. example: (2, C, S, S) (a batch of 1 would be specialised, not traced as dynamic)."""
+    import onnxscript
     from torch.export import Dim
 
     dims = {0: Dim("batch"), 2: Dim("height"), 3: Dim("width")}
-    return torch.onnx.export(model, (example,), dynamo=True, opset_version=ONNX_OPSET, input_names=[INPUT],
-                             output_names=output_names, dynamic_shapes=(dims,), verbose=False)
+    try:
+        return torch.onnx.export(model, (example,), dynamo=True, opset_version=ONNX_OPSET, input_names=[INPUT],
+                                 output_names=output_names, dynamic_shapes=(dims,), verbose=False)
+    except Exception as e:  # noqa: BLE001 - whatever the exporter raises: one line, not a traceback
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(f"torch {torch.__version__}'s ONNX exporter (onnxscript {onnxscript.__version__}) failed: "
+                         f"{type(e).__name__}: {first}; please report it with these versions") from None
 
 
 def onnxruntime_error(path: str, model: nn.Module, x: torch.Tensor) -> float:
