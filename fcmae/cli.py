@@ -5,10 +5,10 @@ import argparse
 import sys
 from importlib.metadata import PackageNotFoundError, entry_points, version
 
-from fcmae.commands import bench, convert, demo, embed, evaluate, finetune, knn, pretrain, shards, visualize
+from fcmae.commands import bench, convert, demo, embed, evaluate, finetune, knn, predict, pretrain, shards, visualize
 from fcmae.engine.loop import NonFiniteLossError
 
-COMMANDS = [pretrain, finetune, evaluate, knn, embed, convert, visualize, shards, demo, bench]
+COMMANDS = [pretrain, finetune, evaluate, predict, knn, embed, convert, visualize, shards, demo, bench]
 
 
 def plugin_commands() -> list:

@@ -17,27 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+
+from fcmae.data.image_list import ImageList, map_readable
 
 OUT_SUFFIXES = (".safetensors", ".npy")
-
-
-class ImageList(Dataset):
-    """Files -> (image (C, H, W), ok): an unreadable file gives zeros and ok=False (left out of the output)."""
-
-    def __init__(self, files: list[str], transform, in_chans: int, size: int):
-        self.files, self.transform, self.in_chans, self.size = files, transform, in_chans, size
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, bool]:
-        from fcmae.data.decode import decode_image
-
-        img = decode_image(self.files[i], self.in_chans)
-        if img is None:
-            return torch.zeros(self.in_chans, self.size, self.size), False
-        return self.transform(img), True
 
 
 def check_out(out: str) -> Path:
@@ -60,29 +43,18 @@ def list_path(out: Path) -> Path:
     return out.with_suffix(".files.json")
 
 
-@torch.no_grad()
 def embed_files(encoder: torch.nn.Module, dataset: ImageList, batch_size: int, num_workers: int,
                 device: torch.device, normalize: bool = False, progress: bool = True) -> tuple[torch.Tensor, list[int]]:
     """-> (embeddings (n_ok, D) float32 on CPU, indices of the readable files in row order)."""
-    from tqdm import tqdm
-
     from fcmae.knn import pooled_features
 
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+    def forward(imgs: torch.Tensor) -> torch.Tensor:
+        f = pooled_features(encoder, imgs)
+        return (torch.nn.functional.normalize(f, dim=1) if normalize else f).cpu()
+
     encoder.eval()
-    feats, kept, seen = [], [], 0
-    with tqdm(total=len(dataset), desc="embed", unit="img", disable=not progress, dynamic_ncols=True) as bar:
-        for imgs, ok in loader:
-            idx = torch.arange(seen, seen + len(ok))[ok]
-            seen += len(ok)
-            if ok.any():
-                f = pooled_features(encoder, imgs[ok].to(device, non_blocking=True))
-                feats.append((torch.nn.functional.normalize(f, dim=1) if normalize else f).cpu())
-                kept += idx.tolist()
-            bar.update(len(ok))
-    dim = encoder.num_features
-    return (torch.cat(feats) if feats else torch.zeros(0, dim)), kept
+    feats, kept = map_readable(dataset, forward, batch_size, num_workers, device, progress, desc="embed")
+    return (torch.cat(feats) if feats else torch.zeros(0, encoder.num_features)), kept
 
 
 def write_embeddings(out: Path, emb: torch.Tensor, meta: dict[str, Any]) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import torch
 
+from convnextv2.checkpoint import EncoderWeights
 from convnextv2.encoder import encoder_patch_size
 from fcmae.data.folder import ImageFiles, imagefolder_samples, is_imagefolder
 from fcmae.data.labeled import DIGIT_CLASSES, build_splits, eval_transform, normalization, val_samples
@@ -39,10 +40,44 @@ class EvalConfig:
                               "data.val_path")
 
 
+def checkpoint_path(path: str) -> str:
+    """CKPT as given -> the file to read: a file, or a folder holding an export's model.safetensors (a fine-tune's
+    output_dir, a `fcmae convert --to hf` folder); ValueError for anything else."""
+    if os.path.isdir(path):
+        inner = os.path.join(path, "model.safetensors")
+        if not os.path.isfile(inner):
+            raise ValueError(f"checkpoint {path!r} is a folder without model.safetensors; give the checkpoint file "
+                             "(best.pt, best-ema.pt, model.safetensors)")
+        return inner
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path!r} is not a file")
+    return path
+
+
+def classifier_from_weights(weights: EncoderWeights, where: str) -> torch.nn.Module:
+    """The timm classifier holding `weights`, which must be a complete one (head.norm and head.fc); `where` names
+    their source in errors."""
+    from convnextv2.checkpoint import timm_classifier_state_dict
+    from convnextv2.encoder import create_convnextv2
+
+    fc = weights.state_dict.get("head.fc.weight")
+    if fc is None:
+        raise ValueError(f"{where!r} has no classifier (head.fc): it is an encoder; fine-tune it first "
+                         "(fcmae finetune)")
+    if weights.arch.name is None:
+        raise ValueError(f"{where!r} holds {weights.arch.describe()}, which matches no timm convnextv2_* model")
+    sd, fresh = timm_classifier_state_dict(weights, int(fc.shape[0]))
+    if fresh:
+        raise ValueError(f"{where!r} lacks {', '.join(fresh)}; it is not a complete classifier")
+    model = create_convnextv2(weights.arch.name, weights.arch.patch_size, num_classes=int(fc.shape[0]),
+                              in_chans=weights.arch.in_chans)
+    model.load_state_dict(sd, strict=True)
+    return model
+
+
 def load_classifier(path: str, ema: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
     """-> (timm classifier with the checkpoint's weights, the raw checkpoint dict or {} for a bare state_dict)."""
-    from convnextv2.checkpoint import load_file, read_encoder, timm_classifier_state_dict
-    from convnextv2.encoder import create_convnextv2
+    from convnextv2.checkpoint import load_file, read_encoder
 
     raw = load_file(path)
     meta = raw if isinstance(raw, dict) and "model" in raw else {}
@@ -50,21 +85,21 @@ def load_classifier(path: str, ema: bool = False) -> tuple[torch.nn.Module, dict
     if ema:
         if "ema" not in meta:
             raise ValueError(f"{path!r} holds no EMA weights (only a training last.pt does); use best-ema.pt or "
-                             "model-ema.safetensors, or leave ema=false")
+                             "model-ema.safetensors without ema=true (fcmae eval) / --ema (fcmae predict)")
         src = {"model": meta["ema"]}
-    weights = read_encoder(src)
-    fc = weights.state_dict.get("head.fc.weight")
-    if fc is None:
-        raise ValueError(f"{path!r} has no classifier (head.fc): it is an encoder; fine-tune it first (fcmae finetune)")
-    if weights.arch.name is None:
-        raise ValueError(f"{path!r} holds {weights.arch.describe()}, which matches no timm convnextv2_* model")
-    sd, fresh = timm_classifier_state_dict(weights, int(fc.shape[0]))
-    if fresh:
-        raise ValueError(f"{path!r} lacks {', '.join(fresh)}; it is not a complete classifier")
-    model = create_convnextv2(weights.arch.name, weights.arch.patch_size, num_classes=int(fc.shape[0]),
-                              in_chans=weights.arch.in_chans)
-    model.load_state_dict(sd, strict=True)
-    return model, meta
+    return classifier_from_weights(read_encoder(src), path), meta
+
+
+def read_classifier(path: str, ema: bool = False) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any], str | None]:
+    """-> (the classifier, meta with its `classes` if known, the data keys (DATA_KEYS) it was trained with: its
+    preprocessing, a line saying where an exported file's preprocessing came from: None for this project's
+    checkpoints, whose config holds it)."""
+    model, meta = load_classifier(path, ema)
+    if meta:
+        trained = {k: v for k, v in ((meta.get("config") or {}).get("data") or {}).items() if k in DATA_KEYS}
+        return model, meta, trained, None
+    trained, meta, said = exported_preprocessing(path, model)  # what an exported file carries (metadata, config.json)
+    return model, meta, trained, said
 
 
 def exported_preprocessing(path: str, model: torch.nn.Module) -> tuple[dict[str, Any], dict[str, Any], str]:
@@ -102,8 +137,13 @@ def eval_dataset(d: FinetuneDataConfig, classes: list[str] | None, in_chans: int
     if classes is None:  # a bare exported file: classes are the sorted subfolders
         classes = imagefolder_samples(root)[2]
     files, labels = val_samples(root, classes)
-    tf = eval_transform(d.image_size, d.crop_pct, *normalization(d, in_chans), in_chans)
-    return ImageFiles(files, tf, in_chans, labels), classes
+    return ImageFiles(files, classifier_transform(d, in_chans), in_chans, labels), classes
+
+
+def classifier_transform(d: FinetuneDataConfig, in_chans: int):
+    """The eval transform of `d` for `in_chans` channels: resize the short side to image_size / crop_pct (bicubic),
+    center crop image_size, normalise with data.mean / data.std (ImageNet's by default) -> (in_chans, S, S)."""
+    return eval_transform(d.image_size, d.crop_pct, *normalization(d, in_chans), in_chans)
 
 
 def evaluate(ckpt: str, cfg: EvalConfig, meta: dict | None = None, model=None) -> tuple[ClassificationMeter, list[str]]:

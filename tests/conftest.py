@@ -116,3 +116,16 @@ def in_demo_dir(demo_pretrain, tmp_path, monkeypatch):
     shutil.copy(demo_pretrain, tmp_path / "runs" / "demo" / "last.pt")
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def demo_finetune_run(tmp_path_factory):
+    """runs/demo-finetune as `fcmae finetune --config configs/finetune/demo.yaml` writes it (atto, grey digits, 64 px,
+    patch 16, 10 classes), one epoch on 2 labeled digits per class: README's predict and ONNX examples start from
+    it."""
+    from fcmae.cli import main
+
+    out = tmp_path_factory.mktemp("demo-finetune-run") / "runs" / "demo-finetune"
+    assert main(["finetune", "--config", "finetune/demo", f"output_dir={out}", "optim.epochs=1", "data.batch_size=20",
+                 "data.eval_batch_size=50", "data.digits_per_class=2", "data.digits_val=50"]) == 0
+    return out

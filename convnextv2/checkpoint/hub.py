@@ -58,7 +58,8 @@ def metadata(config: dict[str, Any] | None) -> dict[str, str] | None:
 
 def read_hub_config(path: str | os.PathLike) -> tuple[dict[str, Any], str] | None:
     """The timm config an exported file carries -> (config, where it came from): its safetensors metadata, else a
-    timm `config.json` beside it; None when neither holds one."""
+    timm `config.json` beside it, else a transformers folder's config.json + preprocessor_config.json (as timm's);
+    None when none holds one."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -68,11 +69,40 @@ def read_hub_config(path: str | os.PathLike) -> tuple[dict[str, Any], str] | Non
         if METADATA_KEY in meta:
             return json.loads(meta[METADATA_KEY]), f"{path.name}'s metadata"
     beside = path.parent / "config.json"
-    if beside.is_file():
-        try:
-            cfg = json.loads(beside.read_text())
-        except ValueError:
-            return None
-        if isinstance(cfg, dict) and isinstance(cfg.get("pretrained_cfg"), dict) and "architecture" in cfg:
-            return cfg, str(beside)
+    cfg = _read_json(beside)
+    if isinstance(cfg, dict) and isinstance(cfg.get("pretrained_cfg"), dict) and "architecture" in cfg:
+        return cfg, str(beside)
+    pre = _read_json(path.parent / "preprocessor_config.json")
+    if isinstance(cfg, dict) and cfg.get("model_type") == "convnextv2" and isinstance(pre, dict):
+        found = hf_as_timm_config(cfg, pre)
+        if found is not None:
+            return found, f"{beside} + preprocessor_config.json"
     return None
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON in `path`; None when it is missing or not JSON."""
+    try:
+        return json.loads(path.read_text()) if path.is_file() else None
+    except ValueError:
+        return None
+
+
+def hf_as_timm_config(config: dict[str, Any], preprocessor: dict[str, Any]) -> dict[str, Any] | None:
+    """A transformers folder's config.json (ConvNextV2: depths, hidden_sizes, patch_size = stem stride, id2label) and
+    preprocessor_config.json (`hf_preprocessor_config`) as timm's config, so that an HF export's preprocessing and
+    class names read as a timm export's; None when they name no timm convnextv2 layout or lack a setting."""
+    from convnextv2.timm_names import SIZES, SUFFIXES, timm_name
+
+    name = next((n for n, (depths, dims, _) in SIZES.items()
+                 if [list(depths), list(dims)] == [config.get("depths"), config.get("hidden_sizes")]), None)
+    patch_size = 8 * int(config.get("patch_size") or 4)
+    size = (preprocessor.get("size") or {}).get("shortest_edge")
+    keys = ("crop_pct", "image_mean", "image_std")
+    if name is None or patch_size not in SUFFIXES or size is None or any(preprocessor.get(k) is None for k in keys):
+        return None
+    id2label = config.get("id2label") or {}
+    labels = [id2label.get(str(i), str(i)) for i in range(len(id2label))]
+    return timm_hub_config(timm_name(name, patch_size), len(labels), int(config.get("num_channels") or 3), int(size),
+                           float(preprocessor["crop_pct"]), preprocessor["image_mean"], preprocessor["image_std"],
+                           label_names=labels or None)

@@ -1,6 +1,6 @@
 """`fcmae convert SRC DST`: any ConvNeXt V2 checkpoint -> a timm classifier, a timm backbone (the encoder for
-detection / segmentation), a Hugging Face state_dict, or an FCMAE checkpoint with a fresh decoder (to continue
-pretraining from released weights).
+detection / segmentation), a Hugging Face state_dict, an FCMAE checkpoint with a fresh decoder (to continue
+pretraining from released weights), or an ONNX file of the dense classifier / backbone (fcmae.onnx_export).
 
 The reading, detection and format rules live in `convnextv2.checkpoint`, the FCMAE side in fcmae.convert.
 """
@@ -19,6 +19,7 @@ from convnextv2.timm_names import load_line
 from fcmae.convert import fcmae_checkpoint, fcmae_from_encoder
 from fcmae.engine.config import check_writable_dir, check_writable_file
 from fcmae.export import checkpoint_exports, trained_settings, write_backbone_export
+from fcmae.onnx_export import ONNX_TARGETS, check_onnx_args, write_onnx_export
 
 
 def _parts(keys: list[str]) -> str:
@@ -32,16 +33,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "the reference repo's dense / pt_only / MinkowskiEngine files, Hugging Face transformers; .pth/.pt or "
         ".safetensors), detect its format and size, and write it as a timm classifier (head.norm/head.fc fresh "
         "unless the source has them; head init scale 0.001), a timm backbone (no classifier; with its stage channels "
-        "and strides, for timm's features_only), a Hugging Face ConvNextV2 state_dict, or an FCMAE checkpoint with a "
-        "fresh decoder. Files are only read with weights_only=True or safetensors. Prints the line that loads a timm "
-        "output.",
+        "and strides, for timm's features_only), a Hugging Face ConvNextV2 state_dict, an FCMAE checkpoint with a "
+        "fresh decoder, or an ONNX file (--to onnx: the classifier's logits; --to onnx-backbone: the four stage "
+        "outputs; opset 18, dynamic batch and image size, checked in onnxruntime). Files are only read with "
+        "weights_only=True or safetensors. Prints the line that loads a timm output (the onnxruntime line for ONNX).",
     )
     p.add_argument("src", help="checkpoint to read")
     p.add_argument("dst", help="file to write: .safetensors (recommended for timm/hf), .pth or .pt; for --to hf a "
                    "path without suffix writes a from_pretrained folder, for --to backbone a timm local-dir folder; "
                    "--to fcmae needs .pt/.pth")
-    p.add_argument("--to", choices=("timm", "backbone", "hf", "fcmae"), default="timm",
-                   help="output format (default timm)")
+    p.add_argument("--to", choices=("timm", "backbone", "hf", "fcmae", *ONNX_TARGETS), default="timm",
+                   help="output format (default timm); onnx: the classifier's logits, onnx-backbone: the encoder's "
+                   "four stage outputs, as a DST.onnx file")
     p.add_argument("--model", default=None, help="expected timm name, e.g. convnextv2_tiny (default: inferred)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="classifier outputs (default: the source's classifier, else 1000; 0 = no classifier)")
@@ -53,6 +56,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     dst = Path(args.dst)
+    check_onnx_args(args.to, dst, args.num_classes)
     if args.to == "fcmae" and dst.suffix not in (".pt", ".pth"):
         raise ValueError(f"an FCMAE checkpoint is a torch file: name it *.pt or *.pth, not {dst.name}")
     if args.to == "timm" and dst.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
@@ -92,6 +96,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return {"weights": weights, "fresh": ["decoder"]}
     if args.to == "backbone":
         return write_backbone_export(weights, raw, dst)
+    if args.to in ONNX_TARGETS:
+        return write_onnx_export(weights, raw, args.src, dst, backbone=args.to == "onnx-backbone")
     arch = weights.arch
     if args.to == "timm":
         sd, fresh = timm_classifier_state_dict(weights, args.num_classes)

@@ -6,7 +6,8 @@ import argparse
 import os
 from typing import Any
 
-from fcmae.embed import ImageList, check_out, embed_files, list_path, write_embeddings
+from fcmae.data.image_list import ImageList
+from fcmae.embed import check_out, embed_files, list_path, write_embeddings
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -6,10 +6,9 @@ timm classifier (model.safetensors). The data settings default to the ones the c
 from __future__ import annotations
 
 import argparse
-import os
 
 from fcmae.config import add_config_arguments, config_from, merge, user_config
-from fcmae.evaluate import DATA_KEYS, EvalConfig, evaluate, exported_preprocessing, format_report, load_classifier
+from fcmae.evaluate import EvalConfig, checkpoint_path, evaluate, format_report, load_classifier, read_classifier
 from fcmae.finetune_config import inherit_data
 
 
@@ -20,24 +19,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "model.safetensors) on a val split. Example: fcmae eval runs/ft/best-ema.pt data.path=/data/imagenet "
         "(uses data.path/val when it exists). Data settings default to the checkpoint's own.",
     )
-    p.add_argument("ckpt", help="checkpoint file")
+    p.add_argument("ckpt", help="checkpoint file, or a folder holding an export's model.safetensors")
     add_config_arguments(p, "YAML file with eval keys (device, ema, data.*)", "data.path=/data data.image_size=224")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
     given = user_config(args.config, args.overrides)  # a bad file or key fails before the checkpoint is read
-    if not os.path.isfile(args.ckpt):
-        raise ValueError(f"checkpoint {args.ckpt!r} is not a file")
-    model, meta = load_classifier(args.ckpt, ema=False)
-    trained = {k: v for k, v in ((meta.get("config") or {}).get("data") or {}).items() if k in DATA_KEYS}
-    if not meta:  # an exported file: the preprocessing and class names it carries (metadata or config.json)
-        trained, meta, said = exported_preprocessing(args.ckpt, model)
+    ckpt = checkpoint_path(args.ckpt)
+    model, meta, trained, said = read_classifier(ckpt)
+    if said:  # an exported file: the preprocessing and class names it carries (metadata or config.json)
         print(f"fcmae eval: {said}", flush=True)
     cfg = config_from(EvalConfig, merge({"data": inherit_data(trained, given.get("data") or {})}, given),
                       args.overrides)
     if cfg.ema:
-        model, meta = load_classifier(args.ckpt, ema=True)
-    meter, classes = evaluate(args.ckpt, cfg, meta, model)
+        model, meta = load_classifier(ckpt, ema=True)
+    meter, classes = evaluate(ckpt, cfg, meta, model)
     print(f"fcmae eval: {args.ckpt}{' (EMA)' if cfg.ema else ''}")
     print(format_report(meter, classes))
