@@ -1,6 +1,7 @@
 """A run owns its output_dir (issue 28): a live run's folder refuses a second run, naming the holder, and a kill -9
 leaves no lock behind; a run never overwrites or deletes a file it did not make; resuming with a changed config is
 refused unless the change is accepted on purpose, and every segment's config is kept."""
+import datetime
 import errno
 import json
 import os
@@ -158,16 +159,25 @@ def test_killed_before_its_first_checkpoint_reruns_without_rows_twice(tmp_path, 
     assert [h["start_step"] for h in history(out)] == [0, 0]
 
 
-def forked(fn) -> int:
-    """Exit status of fn() (an int) run in a forked child: another process, as far as POSIX locks go."""
+def fork(fn) -> int:
+    """Run fn() (-> an exit status) in a forked child, another process as far as POSIX locks go; -> its pid."""
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
             code = fn()
         finally:
-            os._exit(code)
+            os._exit(code)  # never back into pytest
+    return pid
+
+
+def exit_status(pid: int) -> int:
     return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def forked(fn) -> int:
+    """Exit status of fn() run in a forked child."""
+    return exit_status(fork(fn))
 
 
 def try_lock(folder) -> int:
@@ -237,3 +247,36 @@ def test_finetune_keys_that_may_change_on_resume(tmp_path):
         changes("aug.mixup=0", "ema.decay=0.99")
     assert changes("aug.mixup=0", "ema.decay=0.99", "accept_changes=[aug,ema.decay]") == [
         "aug.mixup 0.8 -> 0.0 (accepted)", "ema.decay 0.9999 -> 0.99 (accepted)"]
+
+
+def test_every_rank_of_a_job_stops_with_rank_0_s_line(tmp_path, folder):
+    """A two-process job (gloo, as torchrun runs it) started in a folder a live run holds: rank 0 is refused and both
+    ranks raise its one line (none waits for rank 0 in a collective); rank 1 never touches the folder."""
+    import torch.distributed as dist
+
+    from fcmae.engine.distributed import DistInfo
+    from fcmae.engine.rundir import claim
+    from fcmae.pretrain import checkpoint_header
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK_NAME).touch()
+    held = RunLock.take(str(out), create=False)  # this process: the live run
+    held.record()
+    cfg = load_config(PretrainConfig, None, [*BASE, f"output_dir={out}", f"data.path={folder}"])
+
+    def rank(r: int) -> int:  # a rank left waiting for rank 0 fails after 60 s instead of hanging
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=r, world_size=2,
+                                timeout=datetime.timedelta(seconds=60))
+        try:
+            claim(cfg, DistInfo(rank=r, world_size=2), None, checkpoint_header(cfg), ())
+        except ValueError as e:
+            (tmp_path / f"rank{r}.txt").write_text(str(e))
+        dist.destroy_process_group()
+        return 0
+
+    pids = [fork(lambda r=r: rank(r)) for r in (0, 1)]
+    assert [exit_status(pid) for pid in pids] == [0, 0]
+    said = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert said[0] == said[1] and f"is in use by another run (pid {os.getpid()} on host" in said[0]
+    held.release()
