@@ -62,6 +62,8 @@ class Task(Protocol):
     #   load_extra_state(state: dict) -> None     on resume, with the whole checkpoint
     #   start(resumed: bool) -> dict[str, Any]    rank 0, once before training; metrics logged as epoch 0 (e.g. a
     #                                             baseline of the untrained model; the task skips it on resume)
+    #   outputs: tuple[str, ...]                  fnmatch patterns of the names it writes in output_dir besides the
+    #                                             loop's (fcmae.engine.rundir: a fresh run never overwrites them)
 
 
 def _hook(task: Task, name: str) -> Callable | None:
