@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import types
+from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
@@ -236,10 +237,9 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    from convnextv2.checkpoint.io import atomic_write  # imports torch: only the runs that write need it
+
+    atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
 
 
 
@@ -254,17 +254,28 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_help: str, over
     parser.add_argument("overrides", nargs="*", help=f"dotted key=value overrides, e.g. {override_example}")
 
 
-def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     """{"optim": {"epochs": 1}} -> {"optim.epochs": 1} (lists stay values)."""
     if not isinstance(data, dict):
         return {prefix[:-1]: data}
     out: dict[str, Any] = {}
     for k, v in data.items():
-        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
     return out
 
 
-def _show(value: Any) -> str:
+def config_keys(cls: type) -> set[str]:
+    """Every dotted key of a schema and every section holding keys: {"seed", "optim", "optim.lr", ...}."""
+    hints = get_type_hints(cls)
+    keys: set[str] = set()
+    for f in dataclasses.fields(cls):
+        keys.add(f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys |= {f"{f.name}.{k}" for k in config_keys(hints[f.name])}
+    return keys
+
+
+def show_value(value: Any) -> str:
     """A value as it would be written in YAML, on one line."""
     return yaml.safe_dump(value, default_flow_style=True, width=1 << 20).strip().removesuffix("\n...").strip()
 
@@ -280,11 +291,11 @@ def describe_config(cls: type, path: str | os.PathLike | None = None, overrides:
         cfg = config_from(cls, merge(given, over), overrides)
     except NotSetError as e:
         cfg, problem = from_dict(cls, merge(given, over), raw=override_text(overrides)), f"# not runnable as is: {e}"
-    given, over = _flat(given), _flat(over)
-    values, defaults = _flat(to_dict(cfg)), _flat(to_dict(cls()))
+    given, over = flatten(given), flatten(over)
+    values, defaults = flatten(to_dict(cfg)), flatten(to_dict(cls()))
     width = max(len(k) for k in values) + 2
-    rows = [(k, _show(v), _show(defaults.get(k)), "override" if k in over else "recipe" if k in given else "default")
-            for k, v in values.items()]
+    rows = [(k, show_value(v), show_value(defaults.get(k)),
+             "override" if k in over else "recipe" if k in given else "default") for k, v in values.items()]
     vw = max(len(r[1]) for r in rows) + 2
     lines = [f"# {cls.__name__} from {path or 'the defaults'}" + (f" + {len(over)} override(s)" if over else ""),
              f"{'key':<{width}}{'value':<{vw}}{'default':<{vw}}from"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -27,6 +28,7 @@ from fcmae.engine.config import check_global_batch
 from fcmae.engine.distributed import DistInfo, cleanup_distributed, init_distributed
 from fcmae.engine.loop import amp_dtype, train
 from fcmae.engine.resume import check_same_resume_everywhere, prepare_resume
+from fcmae.engine.rundir import claim
 from fcmae.engine.seeds import derive_seed
 from fcmae.export import FINETUNE_FORMAT, timm_config
 from fcmae.finetune_config import FinetuneConfig, check_image_size
@@ -107,6 +109,8 @@ class FinetuneTask:
 
     resumed: the header of the checkpoint the run resumes from; the weights come from it, so model.init is not read
     (it may be gone) and the input channels are the checkpoint's."""
+
+    outputs = ("best.pt", "best-ema.pt", "model.safetensors", "model-ema.safetensors", "config.json", "classes.json")
 
     def __init__(self, cfg: FinetuneConfig, info: DistInfo, resumed: dict[str, Any] | None = None):
         self.cfg, self.info = cfg, info
@@ -248,7 +252,7 @@ class FinetuneTask:
         names in their metadata and timm's config.json beside them: timm.create_model("local-dir:RUN_DIR",
         pretrained=True) loads model.safetensors with it (its architecture is the layout's timm name,
         convnextv2.timm_names); `convnextv2.timm_names.load_line` is the line that loads either file."""
-        from convnextv2.checkpoint import infer_arch, save_state_dict, timm_metadata
+        from convnextv2.checkpoint import atomic_write, infer_arch, save_state_dict, timm_metadata
         from convnextv2.checkpoint.convert import write_json
         from convnextv2.checkpoint.hub import metadata
 
@@ -261,8 +265,8 @@ class FinetuneTask:
             out["ema"] = os.path.join(self.cfg.output_dir, "model-ema.safetensors")
             save_state_dict(self.ema.module.state_dict(), out["ema"], meta)
         write_json(os.path.join(self.cfg.output_dir, "config.json"), hub)
-        with open(os.path.join(self.cfg.output_dir, "classes.json"), "w") as f:
-            json.dump(self.classes, f)
+        atomic_write(os.path.join(self.cfg.output_dir, "classes.json"),
+                     lambda tmp: Path(tmp).write_text(json.dumps(self.classes)))
         return out
 
 
@@ -273,8 +277,10 @@ def finetune(cfg: FinetuneConfig, on_loss: Callable[[int, torch.Tensor], torch.T
                                                "in_chans": cfg.model.in_chans, "patch_size": cfg.model.patch_size}}
     resume = prepare_resume(cfg.output_dir, cfg.resume, header)  # before data, files and devices
     info = init_distributed(cfg.device)
+    run_dir = None
     try:
         check_same_resume_everywhere(resume, info)  # before data: every node must see the same checkpoint
+        run_dir = claim(cfg, info, resume, header, FinetuneTask.outputs)  # locked; nothing written yet
         torch.manual_seed(derive_seed(cfg.seed, info.rank))
         task = FinetuneTask(cfg, info, resumed=resume[1] if resume is not None else None)
         if info.is_main:
@@ -287,7 +293,7 @@ def finetune(cfg: FinetuneConfig, on_loss: Callable[[int, torch.Tensor], torch.T
                   f"steps/epoch -> {cfg.output_dir}", flush=True)
             if task.load_info is not None:
                 print(f"pretrained weights: {task.load_info.summary()}", flush=True)
-        summary = train(cfg, task, info, on_loss=on_loss, resume=resume)
+        summary = train(cfg, task, info, on_loss=on_loss, resume=resume, run_dir=run_dir)
         if info.is_main:
             summary["exported"] = task.export()
             from convnextv2.timm_names import load_line
@@ -300,4 +306,6 @@ def finetune(cfg: FinetuneConfig, on_loss: Callable[[int, torch.Tensor], torch.T
         summary["best"] = dict(task.best)
         return summary
     finally:
+        if run_dir is not None:
+            run_dir.release()
         cleanup_distributed()

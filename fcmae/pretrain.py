@@ -19,6 +19,7 @@ from fcmae.engine.config import check_global_batch
 from fcmae.engine.distributed import DistInfo, cleanup_distributed, init_distributed
 from fcmae.engine.loop import train
 from fcmae.engine.resume import check_same_resume_everywhere, complete, complete_message, prepare_resume
+from fcmae.engine.rundir import claim
 from fcmae.engine.optim import param_groups
 from fcmae.engine.seeds import derive_seed
 from fcmae.masking import random_mask
@@ -77,6 +78,8 @@ def load_init(model: FCMAE, path: str, cfg: PretrainConfig) -> str:
 class PretrainTask:
     """FCMAE pretraining as a `fcmae.engine.loop.Task`. resuming: the weights will come from the checkpoint
     (model.init is not read)."""
+
+    outputs = ("reconstruction-epoch*.png",)  # what it writes in output_dir besides the loop's files
 
     def __init__(self, cfg: PretrainConfig, info: DistInfo, resuming: bool = False):
         from fcmae.data import build_image_data
@@ -175,10 +178,13 @@ class PretrainTask:
 
 def pretrain(cfg: PretrainConfig, on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> dict:
     """Run (or resume) a pretraining; joins/leaves the process group when WORLD_SIZE > 1. Returns the summary."""
-    resume = prepare_resume(cfg.output_dir, cfg.resume, checkpoint_header(cfg))  # before data, files and devices
+    header = checkpoint_header(cfg)
+    resume = prepare_resume(cfg.output_dir, cfg.resume, header)  # before data, files and devices
     info = init_distributed(cfg.device)
+    run_dir = None
     try:
         check_same_resume_everywhere(resume, info)  # before data: every node must see the same checkpoint
+        run_dir = claim(cfg, info, resume, header, PretrainTask.outputs)  # locked; nothing written yet
         if resume is not None and complete(resume[1], cfg.optim.epochs):  # a finished run: no data to load
             if info.is_main:
                 ckpt_io.remove_stale_temps(cfg.output_dir)  # what a process killed mid-write left: never resumed from
@@ -198,6 +204,8 @@ def pretrain(cfg: PretrainConfig, on_loss: Callable[[int, torch.Tensor], torch.T
                 s = task.monitor
                 print(f"kNN monitor: {s.where}: {len(s.train)} train / {len(s.val)} val images, {len(s.classes)} "
                       f"classes, every {cfg.monitor.every_epochs} epoch(s) and after the last", flush=True)
-        return train(cfg, task, info, on_loss=on_loss, resume=resume)
+        return train(cfg, task, info, on_loss=on_loss, resume=resume, run_dir=run_dir)
     finally:
+        if run_dir is not None:
+            run_dir.release()
         cleanup_distributed()

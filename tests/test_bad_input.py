@@ -242,7 +242,7 @@ def test_non_finite_weights_are_never_saved_or_exported(tmp_path):
     cfg = load_config(FinetuneConfig, find_config("finetune/demo"), FT_DEMO[2:] + [f"output_dir={out}"])
     with pytest.raises(NonFiniteLossError, match="after epoch 1, step 5"):
         finetune(cfg, on_loss=nan_gradients_at(4))
-    assert sorted(os.listdir(out)) == ["config.yaml", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == [".fcmae-lock", "config-history.jsonl", "config.yaml", "metrics.jsonl"]
 
 
 @pytest.fixture(scope="module")

@@ -74,6 +74,7 @@ DATA = {  # a fine-tuning-style `data` section (fine-tuning, the kNN monitor, `f
 RUN = {
     "output_dir": SCALARS, "seed": {"zero", "one", "two", "huge_int"}, "device": NOTHING, "amp": NOTHING,
     "resume": NULL, "compile": BOOL, "channels_last": BOOL,
+    "accept_changes": {"empty_list"},  # config keys (e.g. [optim.lr, seed]): none of the probes names one
     "optim.epochs": COUNT,
     "optim.warmup_epochs": {"zero", "fraction", "one", "two"},  # <= optim.epochs (20 / 30 in the demo recipes)
     "optim.blr": POSITIVE, "optim.lr": POSITIVE | NULL,

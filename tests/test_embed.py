@@ -78,7 +78,7 @@ def test_embed_rows_are_pooled_features_in_file_order(folder, encoder, tmp_path,
         want = oracle(model, folder / name, size)
         assert torch.allclose(row, want, atol=1e-5, rtol=1e-4), name
     assert "1 unreadable skipped" in capsys.readouterr().out
-    assert [p for p in os.listdir(tmp_path / "out") if p.endswith(".tmp")] == []
+    assert [p for p in os.listdir(tmp_path / "out") if p.startswith(".")] == []  # no temp file left
 
     # --normalize and .npy: the same rows, L2-normalised
     npy = tmp_path / "emb.npy"

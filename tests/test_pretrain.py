@@ -117,12 +117,12 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, folder, reference, monke
         pretrain(config(out, folder))
     monkeypatch.setattr(torch, "save", real_save)
     assert load_state(os.path.join(out, "last.pt"))["step"] == 4  # the good one is intact
-    with open(os.path.join(out, ".last.pt.tmp-99999"), "wb") as f:  # as left by a SIGKILL during the write
+    with open(os.path.join(out, ".fcmae-tmp.last.pt.99999"), "wb") as f:  # as left by a SIGKILL during the write
         f.write(b"partial")
     pretrain(config(out, folder))  # the same command again: resumes from last.pt
     # no temp file left: neither the dead one's, nor one of this run's (the kill left previous.pt and last.pt as two
-    # links to one file, onto which renaming a third link does nothing: issue 24)
-    assert sorted(n for n in os.listdir(out) if n.startswith(".")) == []
+    # links to one file, onto which renaming a third link does nothing: issue 24); only the run's lock file
+    assert sorted(n for n in os.listdir(out) if n.startswith(".")) == [".fcmae-lock"]
     got, want = load_state(os.path.join(out, "last.pt")), load_state(os.path.join(reference, "last.pt"))
     assert got["step"] == want["step"] == 6
     for k in want["model"]:

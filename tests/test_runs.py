@@ -2,6 +2,7 @@
 weights, resuming without the init file, exact resumed epoch means, the NaN stop's advice, finished runs."""
 import json
 import os
+import shlex
 
 import pytest
 import torch
@@ -96,15 +97,17 @@ def test_rerun_of_finished_run_says_complete_then_extends(finished, folder, tmp_
     out = str(tmp_path / "run")
     import shutil
     shutil.copytree(finished, out)
+    with open(os.path.join(out, ".draft.tmp-1"), "wb") as f:  # the user's: not fcmae's temp-file prefix
+        f.write(b"mine")
     before = snapshot(out)
-    with open(os.path.join(out, ".previous.pt.tmp-99999"), "wb") as f:  # left by a process killed mid-write
+    with open(os.path.join(out, ".fcmae-tmp.previous.pt.99999"), "wb") as f:  # left by a process killed mid-write
         f.write(b"partial")
     assert main(["pretrain", *BASE, f"output_dir={out}", f"data.path={folder}", "optim.epochs=1"]) == 0
     printed = capsys.readouterr().out
     assert f"the run in {out} is complete (1 epochs, step 3" in printed
     assert "last.pt" in printed and "metrics.jsonl" in printed and "larger optim.epochs" in printed
     assert "steps/epoch" not in printed  # found before the data was loaded
-    assert snapshot(out) == before  # nothing rewritten; the dead process's temp file removed
+    assert snapshot(out) == before  # nothing rewritten; the dead process's temp file removed, the user's kept
     # more epochs and other log settings are not another model: the run continues
     assert main(["pretrain", *BASE, f"output_dir={out}", f"data.path={folder}", "optim.epochs=2",
                  "log.every_steps=2"]) == 0
@@ -137,13 +140,15 @@ def test_nan_stop_then_lower_lr_resumes_and_finishes(finished, folder, tmp_path,
     out = str(tmp_path / "run")
     import shutil
     shutil.copytree(finished, out)  # epoch 1 done at lr 2e-3; epoch 2 at lr 1e12 blows the weights up
-    assert main(["pretrain", *BASE, f"output_dir={out}", f"data.path={folder}", "optim.lr=1e12"]) == 3
-    err = capsys.readouterr().err
+    run = ["pretrain", *BASE, f"output_dir={out}", f"data.path={folder}"]
+    assert main([*run, "optim.lr=1e12", "accept_changes=[optim.lr]"]) == 3
+    err = one_error_line(capsys, "stopped", "rolled back", "optim.lr")
     kept = state(os.path.join(out, "last.pt"))
-    # the advice: rerun with a lower lr -> resumes from there and finishes with finite weights
-    assert main(["pretrain", *BASE, f"output_dir={out}", f"data.path={folder}", "optim.lr=2e-3"]) == 0
+    # the advice, as printed: the same command with a lower lr, the change accepted -> resumes and finishes
+    example = shlex.split(err.rsplit("e.g. ", 1)[1].rstrip("."))
+    assert example == ["optim.lr=1e+11", "accept_changes=[optim.lr]"]  # a tenth of the lr that diverged
+    assert main([*run, "optim.lr=1e-3", *example[1:]]) == 0
     assert "resumed from" in capsys.readouterr().out
-    assert "stopped" in err and "rolled back" in err and "optim.lr" in err
     assert kept["step"] == 3  # the end of epoch 1, from before the blow-up
     assert max(v.abs().max().item() for v in kept["model"].values() if v.is_floating_point()) < 1e3
     done = state(os.path.join(out, "last.pt"))

@@ -22,6 +22,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as _st_load, save_file as _st_save
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+# Every temp file this project writes starts with this prefix and nothing else does: cleaning up after a killed
+# process removes these names only, never a file of the user's (such as `.draft.tmp-1`).
+TMP_PREFIX = ".fcmae-tmp."
 SAFE_GLOBALS = [argparse.Namespace]
 
 
@@ -101,11 +104,18 @@ def _umask() -> int:
     return mask
 
 
+def temp_path(path: str | os.PathLike) -> str:
+    """The temp file next to `path` that this process writes before renaming it onto `path`: TMP_PREFIX, the name,
+    the pid (two processes never share one)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f"{TMP_PREFIX}{name}.{os.getpid()}")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """Call write(tmp_path) on a temp file in path's folder, then os.replace it onto path: readers never see half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)

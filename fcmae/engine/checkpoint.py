@@ -8,15 +8,15 @@ from typing import Any
 
 import torch
 
+from convnextv2.checkpoint.io import TMP_PREFIX, temp_path
+
 LAST = "last.pt"
 PREVIOUS = "previous.pt"  # the last.pt before the newest: what a NaN stop rolls back to
-TMP_MARK = ".tmp-"
 
 
 def save_atomic(obj: dict[str, Any], path: str) -> None:
     """torch.save to a temp file next to `path`, fsync, then os.replace: a crash leaves the old file intact."""
-    folder, name = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{name}{TMP_MARK}{os.getpid()}")
+    tmp = temp_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -36,7 +36,7 @@ def save_last(obj: dict[str, Any], path: str) -> None:
     # already one file (a run killed while writing the last.pt after this link): os.replace of two links to one
     # file does nothing, which would leave the temp link behind
     if os.path.isfile(path) and not (os.path.isfile(previous) and os.path.samefile(path, previous)):
-        tmp = os.path.join(folder, f".{PREVIOUS}{TMP_MARK}{os.getpid()}")
+        tmp = temp_path(previous)
         try:
             os.link(path, tmp)
         except OSError:  # a filesystem without hard links: copy
@@ -58,8 +58,9 @@ def rollback_last(folder: str) -> int | None:
 
 
 def remove_stale_temps(folder: str) -> list[str]:
-    """Delete temp files left by a process that died while writing (they are never resumed from)."""
-    stale = glob.glob(os.path.join(folder, f".*{TMP_MARK}*"))
+    """Delete temp files left by a process that died while writing (they are never resumed from): only names with
+    fcmae's TMP_PREFIX, so a user's own `.draft.tmp-1` stays. Called by the run that holds the folder's lock."""
+    stale = glob.glob(os.path.join(glob.escape(folder), f"{TMP_PREFIX}*"))
     for f in stale:
         os.remove(f)
     return stale

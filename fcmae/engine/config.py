@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from fcmae.config import config_keys
 from fcmae.engine.optim import scaled_lr
 
 
@@ -79,6 +80,9 @@ class RunConfig:
     amp: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     compile: bool = False  # torch.compile the model
     channels_last: bool = False
+    # keys whose change from the checkpoint's config a resumed run accepts on purpose (e.g. [optim.lr, seed]; a
+    # section accepts its keys): fcmae.engine.changes
+    accept_changes: list[str] = field(default_factory=list)
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -91,9 +95,16 @@ class RunConfig:
         check_writable_dir(self.output_dir, "output_dir")
         if self.resume is not None and not os.path.isfile(self.resume):
             raise ValueError(f"resume={self.resume!r} is not a file; give a checkpoint path or leave resume unset")
+        self.check_accept_changes()
         self.optim.check()
         self.checkpoint.check()
         self.log.check()
+
+    def check_accept_changes(self) -> None:
+        unknown = [k for k in self.accept_changes if k not in config_keys(type(self))]
+        if unknown:
+            raise ValueError(f"accept_changes names {unknown[0]!r}, which is not a config key; list the dotted keys "
+                             "whose change a resumed run accepts, e.g. accept_changes=[optim.lr,seed]")
 
     def resuming(self) -> bool:
         """True when the run continues a checkpoint (`resume`, or {output_dir}/last.pt): model.init is then unused."""

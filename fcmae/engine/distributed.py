@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable, TypeVar
 
 import torch
 import torch.distributed as dist
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,3 +67,26 @@ def all_reduce_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
         x = x.clone()
         dist.all_reduce(x)
     return x
+
+
+def on_main(fn: Callable[[], T], info: DistInfo) -> T | None:
+    """fn() on rank 0 only (what touches the run folder), its ValueError or OSError raised on every process with the
+    same message, so all stop together instead of waiting for rank 0 in a collective. A collective: every process
+    must call it. -> fn's result on rank 0, None elsewhere."""
+    result, error = None, None
+    try:
+        if info.is_main:
+            result = fn()
+    except (ValueError, OSError) as e:
+        if not info.distributed:
+            raise
+        error = e
+    if info.distributed:
+        said = [None if error is None else (isinstance(error, OSError), str(error))]
+        dist.broadcast_object_list(said, src=0)
+        if error is not None:
+            raise error
+        if said[0] is not None:
+            is_os, message = said[0]
+            raise (OSError if is_os else ValueError)(message)
+    return result

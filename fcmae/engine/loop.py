@@ -22,13 +22,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from fcmae.config import save_config, to_dict
+from fcmae.config import to_dict
 from fcmae.engine import checkpoint as ckpt_io
 from fcmae.engine.config import RunConfig
 from fcmae.engine.distributed import DistInfo, all_reduce_sum
 from fcmae.engine.metrics import MetricsLogger, format_eta, progress_bar
 from fcmae.engine.optim import build_adamw, cosine_lr, load_optimizer_state, scaled_lr, set_lr, skips_on_device
 from fcmae.engine.resume import check_same_run, complete, complete_message, prepare_resume
+from fcmae.engine.rundir import RunDir, claim
 
 
 class NonFiniteLossError(RuntimeError):
@@ -61,6 +62,8 @@ class Task(Protocol):
     #   load_extra_state(state: dict) -> None     on resume, with the whole checkpoint
     #   start(resumed: bool) -> dict[str, Any]    rank 0, once before training; metrics logged as epoch 0 (e.g. a
     #                                             baseline of the untrained model; the task skips it on resume)
+    #   outputs: tuple[str, ...]                  fnmatch patterns of the names it writes in output_dir besides the
+    #                                             loop's (fcmae.engine.rundir: a fresh run never overwrites them)
 
 
 def _hook(task: Task, name: str) -> Callable | None:
@@ -120,9 +123,10 @@ def nonfinite_tensors(module: nn.Module) -> list[str]:
     return [name for (name, _), ok in zip(tensors, finite) if not ok]
 
 
-def _diverged(out: str, epoch: int, step: int, loss: float, last_step: int | None,
+def _diverged(out: str, epoch: int, step: int, loss: float, last_step: int | None, lr: float,
               what: str | None = None) -> NonFiniteLossError:
-    """The NaN stop: roll last.pt back when its own weights gave this loss, and say what a rerun resumes from.
+    """The NaN stop: roll last.pt back when its own weights gave this loss, and say what a rerun resumes from and
+    the command that does it (a changed optim.* key must be accepted: fcmae.engine.changes). lr: the peak lr now.
     what: the first part of the message (default: the non-finite loss)."""
     last = os.path.join(out, ckpt_io.LAST)
     if last_step == step:  # last.pt holds the weights that produced the non-finite loss: not a place to resume
@@ -136,9 +140,9 @@ def _diverged(out: str, epoch: int, step: int, loss: float, last_step: int | Non
         where = "this run wrote no checkpoint yet, so a rerun starts where this run started"
     what = what or f"loss is {loss} at epoch {epoch + 1}, step {step}; stopped before the optimizer step"
     return NonFiniteLossError(
-        f"{what}; {where}. Lower "
-        "optim.lr (or optim.blr), raise optim.warmup_epochs or set optim.clip_grad, then rerun the same command "
-        "with the new value to resume."
+        f"{what}; {where}. To resume, rerun the same command with a lower optim.lr (or optim.blr), a larger "
+        "optim.warmup_epochs or an optim.clip_grad, and accept the change it makes to the run's config, e.g. "
+        f"optim.lr={lr / 10:.2g} 'accept_changes=[optim.lr]'."
     )
 
 
@@ -220,26 +224,31 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler, model: nn.Module, s
 
 def train(cfg: RunConfig, task: Task, info: DistInfo,
           on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-          resume: tuple[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+          resume: tuple[str, dict[str, Any]] | None = None, run_dir: RunDir | None = None) -> dict[str, Any]:
     """Train `task` for cfg.optim.epochs, resuming from {output_dir}/last.pt (or cfg.resume) when present.
 
     on_loss(step, loss) -> loss: a test hook called on every micro-batch loss (inject NaN, raise to simulate a kill).
-    resume: (path, state) already read and checked by the command (`fcmae.engine.resume.prepare_resume`, before its
-    data); None: read here. Returns a summary: final step/epoch, last epoch's mean loss, skipped images.
+    resume, run_dir: the checkpoint (path, state) and the claimed output_dir, already read, checked and locked by
+    the command before its data (`prepare_resume`, `fcmae.engine.rundir.claim`); None: done here (and the folder's
+    lock released on return). Returns a summary: final step/epoch, last epoch's mean loss, skipped images.
     """
-    if resume is None:
-        resume = prepare_resume(cfg.output_dir, cfg.resume, task.checkpoint_header())
-    else:  # the task now knows everything its header holds (e.g. the number of classes in the data)
-        check_same_run(resume[1], task.checkpoint_header(), resume[0], explicit=bool(cfg.resume))
+    header = task.checkpoint_header()
+    if run_dir is None:
+        resume = resume if resume is not None else prepare_resume(cfg.output_dir, cfg.resume, header)
+        claimed = claim(cfg, info, resume, header, getattr(task, "outputs", ()))
+        try:
+            return train(cfg, task, info, on_loss, resume, claimed)
+        finally:
+            claimed.release()
+    if resume is not None:  # the task now knows everything its header holds (e.g. the number of classes in the data)
+        check_same_run(resume[1], header, resume[0], explicit=bool(cfg.resume))
     run = _Run(cfg, task, info, on_loss)
     if resume is not None:
         done = run.restore(*resume)
         if done is not None:
             return done
-    if info.is_main:  # every check passed: only now is the run folder touched
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        ckpt_io.remove_stale_temps(cfg.output_dir)  # a checkpoint being written when a process died is never resumed
-        save_config(cfg, os.path.join(cfg.output_dir, "config.yaml"))
+    # every check passed: only now is the run folder touched
+    run_dir.start(cfg, resume[0] if resume is not None else None, run.progress.step, run.progress.epoch)
     return run.fit(resumed=resume is not None)
 
 
@@ -300,8 +309,9 @@ class _Run:
         self.ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                                            else None) if info.distributed else self.model
         self.forward_model = torch.compile(self.ddp) if cfg.compile else self.ddp
+        # a fresh start drops the rows of an earlier attempt that wrote no checkpoint (its steps are replayed)
         self.logger = MetricsLogger(self.out, enabled=self.main, tensorboard=cfg.log.tensorboard,
-                                    resume_step=self.progress.step if resumed else None)
+                                    resume_step=self.progress.step if resumed else -1)
         self.run_t0, self.run_steps0 = time.time(), self.progress.step
         self.lr = cosine_lr(self.progress.step, self.total_steps, self.warmup_steps, self.base_lr, cfg.optim.min_lr)
         summary: dict[str, Any] = {"skipped": 0}
@@ -374,7 +384,7 @@ class _Run:
         for step, loss_sum, skipped in log.read():
             loss = loss_sum / (self.cfg.optim.accum_steps * self.info.world_size)
             if not math.isfinite(loss):
-                raise _diverged(self.out, epoch, step, loss, self.last_step) if self.main else \
+                raise _diverged(self.out, epoch, step, loss, self.last_step, self.base_lr) if self.main else \
                     NonFiniteLossError(f"loss is {loss} at epoch {epoch + 1}, step {step}")
             p.epoch_loss += loss
             p.epoch_skipped += skipped
@@ -388,7 +398,8 @@ class _Run:
         if bad:
             what = (f"{len(bad)} weight tensors (e.g. {bad[0]}) are NaN or inf after epoch {epoch + 1}, step "
                     f"{p.step}; stopped before evaluating or saving them")
-            raise _diverged(self.out, epoch, p.step, math.nan, self.last_step if self.main else None, what)
+            raise _diverged(self.out, epoch, p.step, math.nan, self.last_step if self.main else None, self.base_lr,
+                            what)
         loss, skipped = p.epoch_loss / max(1, p.epoch_counted), p.epoch_skipped
         p = self.progress = Progress(epoch + 1, 0, p.step)  # the next epoch's sums start at zero
         last = p.epoch == cfg.optim.epochs

@@ -4,9 +4,12 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from convnextv2.checkpoint.io import atomic_write
 
 
 class MetricsLogger:
@@ -14,7 +17,8 @@ class MetricsLogger:
 
     Rows carry `kind`: "step" (every log.every_steps optimizer steps) or "epoch" (end of each epoch).
     Disabled (no files) on ranks other than 0. resume_step: the run resumes after that optimizer step, so rows of
-    later steps (written before the interruption, about to be replayed) are dropped: no step appears twice.
+    later steps (written before the interruption, about to be replayed) are dropped: no step appears twice (-1: a
+    fresh start, which drops the rows of an earlier attempt that left no checkpoint).
     """
 
     def __init__(self, output_dir: str, enabled: bool = True, tensorboard: bool = True,
@@ -45,10 +49,7 @@ class MetricsLogger:
                 continue
             keep.append(line if line.endswith("\n") else line + "\n")
         if len(keep) != len(lines):
-            tmp = f"{self.path}.tmp-{os.getpid()}"
-            with open(tmp, "w") as f:
-                f.writelines(keep)
-            os.replace(tmp, self.path)
+            atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(keep)))
 
     def log(self, kind: str, step: int, **values: Any) -> None:
         if not self.enabled:

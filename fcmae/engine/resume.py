@@ -3,7 +3,7 @@ model the command is configured for, before any data, file or device is touched.
 
 A training checkpoint (`last.pt`) carries a header (`format`, `model_args`) next to the model, optimizer and
 counters; the command's config implies the header it would write. Values that define the model (architecture,
-decoder, run kind) must agree; everything else (epochs, logging, lr) may change between reruns.
+decoder, run kind) must agree; the rest of the config is compared by fcmae.engine.changes.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ KINDS = {"fcmae": "an FCMAE pretraining", "fcmae-finetune": "a fine-tuning"}
 CONFIG_KEYS = {"encoder_name": "model.name"}  # header model_args name -> config key (others: model.<name>)
 
 
-def _where(path: str, explicit: bool) -> str:
+def where_from(path: str, explicit: bool) -> str:
     return f"resume={path!r}" if explicit else f"output_dir={os.path.dirname(path) or '.'!r} (its {ckpt_io.LAST})"
 
 
@@ -38,7 +38,7 @@ def read_training_checkpoint(path: str, explicit: bool) -> dict[str, Any]:
         raise ValueError(f"cannot resume: {e}{fix}") from None
     if not isinstance(state, dict) or any(k not in state for k in TRAINING_KEYS):
         raise ValueError(
-            f"{_where(path, explicit)} is not an fcmae training checkpoint (the last.pt of a pretrain or finetune "
+            f"{where_from(path, explicit)} is not an fcmae training checkpoint (the last.pt of a pretrain or finetune "
             f"run, with optimizer state and counters); resume= continues such runs only: to start from these "
             f"weights, use model.init={path} instead"
         )
@@ -48,7 +48,7 @@ def read_training_checkpoint(path: str, explicit: bool) -> dict[str, Any]:
 def check_same_run(state: dict[str, Any], header: dict[str, Any], path: str, explicit: bool) -> None:
     """ValueError (one line: what differs, what to do) unless `state` was written by a run of the same kind and model
     as `header` (the header this run writes; a None value in header['model_args'] is not known yet: not compared)."""
-    where = _where(path, explicit)
+    where = where_from(path, explicit)
     have, want = state.get("format"), header.get("format")
     if have != want:
         what = KINDS.get(have, f"a {have!r}-format" if have else "an unknown")
