@@ -122,7 +122,7 @@ SCHEMAS = {  # schema, --config, the overrides that make it runnable (here: the 
 
 def leaves(cls: type, prefix: str = "") -> list[str]:
     hints = get_type_hints(cls)
-    return [k for f in dataclasses.fields(cls) for k in (
+    return [k for f in dataclasses.fields(cls) if f.init for k in (  # init=False: derived state, not a key
         leaves(hints[f.name], f"{prefix}{f.name}.") if dataclasses.is_dataclass(hints[f.name]) else [prefix + f.name])]
 
 

@@ -88,7 +88,7 @@ def test_finetune_patch_size_mismatch_fails_before_data(pretrained16, tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["model.patch_size=12"], "model.patch_size=12 is not valid; choose one of: 32, 16, 8"),
     (["model.patch_size=4"], "model.patch_size=4 is not valid"),
-    (["data.image_size=48"], "data.image_size=48 must be a positive multiple of 32, the mask patch size model.patch_s"),
+    (["data.image_size=48", "model.patch_size=32"], "data.image_size=48 must be a positive multiple of 32, the mask "),
     (["data.image_size=40", "model.patch_size=16"], "data.image_size=40 must be a positive multiple of 16, the mask"),
 ])
 def test_pretrain_config_errors(overrides, message):
