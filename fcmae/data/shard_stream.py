@@ -21,7 +21,8 @@ from fcmae.engine.loop import DataReadError
 CURL_EXITS = {6: "could not resolve the host", 7: "could not connect", 18: "the transfer ended early",
               22: "the server answered with an HTTP error", 28: "timed out", 35: "the TLS handshake failed",
               52: "the server sent nothing", 55: "sending failed", 56: "the connection broke"}
-CLOSED_BY_READER = (23, 141)  # curl's write error / SIGPIPE: the reader closed the pipe first (we stopped early)
+# curl's write error, a shell's SIGPIPE status, a process killed by SIGPIPE: the reader closed the pipe first
+CLOSED_BY_READER = (23, 141, -13)
 
 
 def is_url(path: str) -> bool:
@@ -52,20 +53,17 @@ def shard_samples(url: str) -> Iterator[dict[str, Any]]:
         stream = wds.gopen(url)
     except Exception as e:  # noqa: BLE001 - FileNotFoundError, a pipe that cannot start, ...
         raise ShardReadError.at(url, describe(e)) from None
-    finished = False
     try:
         files = tar_file_expander([dict(url=url, stream=stream)], handler=reraise_exception)
         yield from group_by_keys(files, handler=reraise_exception)
         while stream.read(1 << 16):  # the rest (tar padding): the transfer is whole only once its end is read
             pass
-        finished = True
+    except GeneratorExit:  # the consumer has what it needs: the reader's own close, never an error
+        close(stream)
+        raise
     except Exception as e:  # noqa: BLE001 - a tar error on a broken stream, the pipe's own IOError, ...
-        status = close(stream)
-        raise ShardReadError.at(url, exit_reason(url, status) or describe(e)) from None
-    finally:
-        if not finished:
-            close(stream)  # left early (GeneratorExit) or failed above: the reader's own close, never an error
-    reason = exit_reason(url, close(stream))
+        raise ShardReadError.at(url, exit_reason(url, close(stream)) or describe(e)) from None
+    reason = exit_reason(url, close(stream))  # a stream can end cleanly before its process reports the failure
     if reason:
         raise ShardReadError.at(url, reason)
 
