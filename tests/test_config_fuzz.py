@@ -90,7 +90,7 @@ RULES = {
         **RUN,
         "model.name": NOTHING, "model.init": NOTHING, "model.backend": NOTHING, "model.in_chans": SMALL,
         "model.mask_ratio": OPEN_UNIT, "model.decoder_dim": SMALL, "model.decoder_depth": SMALL0,
-        "model.norm_pix_loss": BOOL, "model.patch_size": NOTHING,  # 32, 16 or 8
+        "model.norm_pix_loss": BOOL, "model.patch_size": NOTHING,  # 32, 16, 8 or auto
         "data.path": NOTHING, "data.format": NOTHING, "data.image_size": NOTHING, "data.batch_size": COUNT,
         "data.num_workers": SMALL0, "data.min_scale": RIGHT_CLOSED, "data.hflip": UNIT, "data.fast_decode": BOOL,
         "data.mean": {"list", "null"}, "data.std": {"list", "null"}, "data.shuffle_buffer": COUNT,

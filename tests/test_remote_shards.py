@@ -132,6 +132,8 @@ def test_shard_patterns_and_sample_counts_of_remote_shards(shards, serve, tmp_pa
     assert count_samples(expand_shards(f"pipe:cat {shards}/{PATTERN}")) is None
     with pytest.raises(ValueError, match=r"cannot open s3:// URLs.*pipe:aws s3 cp"):
         expand_shards("s3://bucket/train-{000000..000127}.tar")
+    with pytest.raises(ValueError, match="names a folder on a server .* cannot be listed; give a brace pattern"):
+        expand_shards(f"{base}/")
     with pytest.raises(ValueError, match="unbalanced braces"):
         expand_shards(f"{base}/shard-{{000000..000002.tar")
 

@@ -47,7 +47,12 @@ def expand_shards(path: str) -> list[str]:
 
 
 def check_openable(path: str, urls: list[str]) -> None:
-    """ValueError (one line) for URLs webdataset has no reader for, or http(s) shards on a machine without curl."""
+    """ValueError (one line) for a server folder (not listable), URLs webdataset has no reader for, or http(s) shards
+    on a machine without curl."""
+    folders = [u for u in urls if "://" in u and u.endswith("/")]
+    if folders:
+        raise ValueError(f"data.path {path!r} names a folder on a server ({folders[0]}), which cannot be listed; give "
+                         "a brace pattern like https://host/d/train-{000000..000099}.tar")
     schemes = {urllib.parse.urlsplit(u).scheme for u in urls if "://" in u}
     unknown = sorted(schemes - set(wds.gopen_schemes) - {"file"})
     if unknown:
