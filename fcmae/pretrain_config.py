@@ -20,7 +20,7 @@ MIN_GRID = 4  # mask patches per side below which the pretext task is too coarse
 
 def auto_patch_size(image_size: int) -> int:
     """`model.patch_size=auto`: the largest of 32 / 16 / 8 that gives a mask grid of at least 4x4 at `image_size`
-    (32 from 128 px up, 16 from 64 px, 8 from 32 px); ValueError (one line) below 32 px or off that patch's multiples."""
+    (32 from 128 px up, 16 from 64 px, 8 from 32 px); ValueError (one line) below 32 px or off the pick's multiples."""
     for p in PATCH_SIZES:  # largest first
         if image_size >= MIN_GRID * p:
             if image_size % p:
@@ -28,9 +28,10 @@ def auto_patch_size(image_size: int) -> int:
                                  f"model.patch_size=auto picks from {MIN_GRID * p} px up (e.g. {image_size // p * p}); "
                                  "change the image size or set model.patch_size")
             return p
+    smallest = min(PATCH_SIZES)
     raise ValueError(f"data.image_size={image_size} is too small for model.patch_size=auto, which needs a mask grid of "
-                     f"at least {MIN_GRID}x{MIN_GRID} patches of {min(PATCH_SIZES)} px ({MIN_GRID * min(PATCH_SIZES)} px);"
-                     f" use larger images, or set model.patch_size={min(PATCH_SIZES)} for a coarser grid")
+                     f"at least {MIN_GRID}x{MIN_GRID} patches of {smallest} px ({MIN_GRID * smallest} px); use larger "
+                     f"images, or set model.patch_size={smallest} for a coarser grid")
 
 
 @dataclass
@@ -188,7 +189,8 @@ class PretrainConfig(RunConfig):
     def patch_summary(self) -> str:
         """The run's first line's words on the patch: 'patch size 16 (auto: 4x4 grid at 64 px)'."""
         p, size = self.patch(), self.data.image_size
-        return f"patch size {p} ({'auto: ' if self.model.patch_size_auto else ''}{size // p}x{size // p} grid at {size} px)"
+        auto = "auto: " if self.model.patch_size_auto else ""
+        return f"patch size {p} ({auto}{size // p}x{size // p} grid at {size} px)"
 
     def coarse_grid_warning(self) -> str | None:
         """A warning when an explicit model.patch_size leaves a mask grid under 4x4 (a setting the digits study found

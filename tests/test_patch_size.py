@@ -189,5 +189,6 @@ def test_small_images_train_with_the_auto_patch_and_an_explicit_coarse_grid_warn
     out, err = capsys.readouterr()
     assert "patch size 32 (2x2 grid at 64 px)" in out.splitlines()[0]
     assert err.splitlines() == [
-        "fcmae pretrain: warning: model.patch_size=32 gives a 2x2 mask grid at data.image_size=64, too coarse a pretext "
-        "task (on the digits such an encoder ended worse than random init); model.patch_size=auto picks 16 here"]
+        "fcmae pretrain: warning: model.patch_size=32 gives a 2x2 mask grid at data.image_size=64, too coarse a "
+        "pretext task (on the digits such an encoder ended worse than random init); model.patch_size=auto picks 16 "
+        "here"]

@@ -37,13 +37,18 @@ def expand_shards(path: str) -> list[str]:
             urls = [u for part in path.split("::") for u in braceexpand.braceexpand(part)]
         except braceexpand.UnbalancedBracesError:
             raise ValueError(f"data.path {path!r} has unbalanced braces; {PATTERN_HINT}") from None
-        urls = [m for u in urls for m in (sorted(glob.glob(u)) if not is_url(u) and any(c in u for c in "*?[") else [u])]
+        urls = [m for u in urls for m in (sorted(glob.glob(u)) if is_glob(u) else [u])]
     missing = [u for u in urls if not is_url(u) and not os.path.isfile(u)]
     if not urls or missing:
         raise ValueError(f"no webdataset shards at {path!r}" + (f" (missing: {missing[0]})" if missing else "")
                          + f"; {PATTERN_HINT}")
     check_openable(path, urls)
     return urls
+
+
+def is_glob(path: str) -> bool:
+    """A local glob pattern (in a URL, "?" starts the query)."""
+    return not is_url(path) and any(c in path for c in "*?[")
 
 
 def check_openable(path: str, urls: list[str]) -> None:

@@ -430,7 +430,8 @@ class _Run:
     def _resume_point(self) -> str:
         """Where a rerun of the same command resumes, for a message about a run stopped by its data."""
         if self.last_step is not None:
-            return f"{os.path.join(self.out, ckpt_io.LAST)} holds step {self.last_step}: rerun the same command to resume"
+            last = os.path.join(self.out, ckpt_io.LAST)
+            return f"{last} holds step {self.last_step}: rerun the same command to resume"
         if not self.main:
             return "rerun the same command to resume from the last checkpoint"
         return "this run wrote no checkpoint yet: rerun the same command to start where this run started"
