@@ -160,16 +160,24 @@ def test_a_stream_cut_between_two_samples_is_an_error_not_a_shorter_shard(shards
     ("bare", ["cannot tell how many samples", "no sizes.json", "set data.num_samples"]),
     ("pipe", ["cannot tell how many samples", "pipe: commands have no sizes.json", "set data.num_samples"]),
     ("down", ["cannot read http://127.0.0.1:", "/sizes.json", "is the server up", "data.num_samples"]),
+    ("few", ["the 3 shards of", "cannot feed 1 process(es) x 4 loader worker(s)", "lower data.num_workers"]),
+    ("no curl", ["names http(s) shards, which webdataset reads with curl, but curl is not installed here"]),
 ])
-def test_remote_shards_without_a_sample_count_refused_in_one_line(shards, serve, tmp_path, capsys, where, words):
+def test_remote_shards_refused_in_one_line_before_training(shards, serve, tmp_path, capsys, monkeypatch, where,
+                                                           words):
     no_sizes = tmp_path / "no-sizes"
     no_sizes.mkdir()
     shutil.copy(os.path.join(shards, "shard-000000.tar"), no_sizes)
     path = {"bare": lambda: f"{serve(str(no_sizes))[0]}/shard-000000.tar",
             "pipe": lambda: f"pipe:cat {shards}/{PATTERN}",
-            "down": lambda: f"{closed_port_url()}/{PATTERN}"}[where]()
+            "down": lambda: f"{closed_port_url()}/{PATTERN}",
+            "few": lambda: f"{serve(shards)[0]}/{PATTERN}",
+            "no curl": lambda: f"{serve(shards)[0]}/{PATTERN}"}[where]()
+    if where == "no curl":
+        monkeypatch.setattr(shutil, "which", lambda name: None)
     out = tmp_path / "run"
-    assert main(["pretrain", *RUN, f"output_dir={out}", f"data.path={path}"]) == (1 if where == "down" else 2)
+    workers = "data.num_workers=4" if where == "few" else "data.num_workers=0"
+    assert main(["pretrain", *RUN, workers, f"output_dir={out}", f"data.path={path}"]) == (1 if where == "down" else 2)
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err

@@ -63,6 +63,11 @@ class ImageData:
         global_micro = micro_batch * info.world_size
         if self.format == "webdataset":
             urls = expand_shards(cfg.path)
+            readers = info.world_size * max(1, cfg.num_workers)
+            if len(urls) < readers:  # split_by_node / split_by_worker would leave a reader without a shard
+                raise ValueError(f"the {len(urls)} shards of {cfg.path!r} cannot feed {info.world_size} process(es) x "
+                                 f"{max(1, cfg.num_workers)} loader worker(s), each of which reads whole shards of its "
+                                 "own; lower data.num_workers or write more, smaller shards (fcmae shards --shard-size)")
             num = cfg.num_samples or count_samples(urls)
             if num is None:
                 where = ("pipe: commands have no sizes.json to read" if urls[0].startswith("pipe:") else
