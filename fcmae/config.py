@@ -143,14 +143,17 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "", raw: dict[st
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
-    """The config as plain dicts/lists/scalars (tuples become lists, so YAML and `weights_only` loading both work)."""
+    """The config's keys as plain dicts/lists/scalars (tuples become lists, so YAML and `weights_only` loading both
+    work); a field with init=False is derived state a check() sets, not a key, and is left out."""
     def plain(x: Any) -> Any:
+        if dataclasses.is_dataclass(x) and not isinstance(x, type):
+            return {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x) if f.init}
         if isinstance(x, dict):
             return {k: plain(v) for k, v in x.items()}
         if isinstance(x, (list, tuple)):
             return [plain(v) for v in x]
         return x
-    return plain(dataclasses.asdict(cfg))
+    return plain(cfg)
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -268,7 +271,7 @@ def config_keys(cls: type) -> set[str]:
     """Every dotted key of a schema and every section holding keys: {"seed", "optim", "optim.lr", ...}."""
     hints = get_type_hints(cls)
     keys: set[str] = set()
-    for f in dataclasses.fields(cls):
+    for f in (f for f in dataclasses.fields(cls) if f.init):  # init=False fields are derived, not keys
         keys.add(f.name)
         if dataclasses.is_dataclass(hints[f.name]):
             keys |= {f"{f.name}.{k}" for k in config_keys(hints[f.name])}
@@ -287,15 +290,19 @@ def describe_config(cls: type, path: str | os.PathLike | None = None, overrides:
     given = read_config_file(path) if path is not None else {}
     over = parse_overrides(overrides or [])
     problem = ""
+    cfg = from_dict(cls, merge(given, over), raw=override_text(overrides))
     try:
-        cfg = config_from(cls, merge(given, over), overrides)
-    except NotSetError as e:
-        cfg, problem = from_dict(cls, merge(given, over), raw=override_text(overrides)), f"# not runnable as is: {e}"
+        check = getattr(cfg, "check", None)
+        if callable(check):
+            check()
+    except NotSetError as e:  # what check() resolved before it (model.patch_size=auto) stays resolved
+        problem = f"# not runnable as is: {e}"
     given, over = flatten(given), flatten(over)
     values, defaults = flatten(to_dict(cfg)), flatten(to_dict(cls()))
     width = max(len(k) for k in values) + 2
-    rows = [(k, show_value(v), show_value(defaults.get(k)),
-             "override" if k in over else "recipe" if k in given else "default") for k, v in values.items()]
+    rows = [(k, show_value(v) + (" (auto)" if over.get(k, given.get(k, defaults.get(k))) == "auto" != v else ""),
+             show_value(defaults.get(k)), "override" if k in over else "recipe" if k in given else "default")
+            for k, v in values.items()]
     vw = max(len(r[1]) for r in rows) + 2
     lines = [f"# {cls.__name__} from {path or 'the defaults'}" + (f" + {len(over)} override(s)" if over else ""),
              f"{'key':<{width}}{'value':<{vw}}{'default':<{vw}}from"]

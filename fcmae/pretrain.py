@@ -7,6 +7,7 @@ the per-micro-batch random mask and the reconstruction pictures.
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Callable
 
 import torch
@@ -54,8 +55,9 @@ def load_init(model: FCMAE, path: str, cfg: PretrainConfig) -> str:
         raise ValueError(f"model.init={path!r} holds {weights.arch.in_chans}-channel weights, but "
                          f"model.in_chans={m.in_chans}; set model.in_chans={weights.arch.in_chans}")
     if weights.arch.patch_size != m.patch_size:
+        auto = f" (auto at {cfg.data.image_size} px)" if m.patch_size_auto else ""
         raise ValueError(f"model.init={path!r} holds an encoder with patch size {weights.arch.patch_size}, but "
-                         f"model.patch_size={m.patch_size}; set model.patch_size={weights.arch.patch_size}")
+                         f"model.patch_size={m.patch_size}{auto}; set model.patch_size={weights.arch.patch_size}")
     info = load_encoder_weights(model.encoder, weights, head_init_scale=None)
     decoder = "fresh"
     if weights.format == "fcmae":
@@ -193,9 +195,13 @@ def pretrain(cfg: PretrainConfig, on_loss: Callable[[int, torch.Tensor], torch.T
         torch.manual_seed(derive_seed(cfg.seed, info.rank))  # per-rank seed for anything not derived explicitly
         task = PretrainTask(cfg, info, resuming=resume is not None)
         if info.is_main:
-            print(f"fcmae pretrain: {cfg.model.name} ({cfg.model.backend}) on {task.data.format} {cfg.data.path or ''} "
-                  f"({task.data.num_samples} images), {info.world_size} process(es) on {info.device}, global batch "
-                  f"{cfg.data.batch_size}, {task.steps_per_epoch} steps/epoch -> {cfg.output_dir}", flush=True)
+            print(f"fcmae pretrain: {cfg.model.name} ({cfg.model.backend}), {cfg.patch_summary()}, on "
+                  f"{task.data.format} {cfg.data.path or ''} ({task.data.num_samples} images), {info.world_size} "
+                  f"process(es) on {info.device}, global batch {cfg.data.batch_size}, {task.steps_per_epoch} "
+                  f"steps/epoch -> {cfg.output_dir}", flush=True)
+            warning = cfg.coarse_grid_warning()
+            if warning:
+                print(f"fcmae pretrain: warning: {warning}", file=sys.stderr, flush=True)
             if task.init_info is not None:
                 print(f"initial weights from {cfg.model.init}: {task.init_info}", flush=True)
             elif cfg.model.init != "none":

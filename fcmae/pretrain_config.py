@@ -4,16 +4,34 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 from convnextv2.backends import BACKENDS
-from convnextv2.encoder import MODEL_NAMES, stem_stride
+from convnextv2.encoder import MODEL_NAMES, PATCH_SIZES
 from fcmae.config import NotSetError
 from fcmae.engine.config import RunConfig, check_at_most, check_global_batch, world_size_from_env
 from fcmae.finetune_config import (
     MAX_CHANNELS, MAX_IMAGE_SIZE, MAX_WORKERS, FinetuneDataConfig, check_digits_path, check_stats,
 )
 from fcmae.masking import num_visible
+
+MIN_GRID = 4  # mask patches per side below which the pretext task is too coarse (BENCHMARKS.md: the digits study)
+
+
+def auto_patch_size(image_size: int) -> int:
+    """`model.patch_size=auto`: the largest of 32 / 16 / 8 that gives a mask grid of at least 4x4 at `image_size`
+    (32 from 128 px up, 16 from 64 px, 8 from 32 px); ValueError (one line) below 32 px or off the pick's multiples."""
+    for p in PATCH_SIZES:  # largest first
+        if image_size >= MIN_GRID * p:
+            if image_size % p:
+                raise ValueError(f"data.image_size={image_size} must be a multiple of {p}, the patch size "
+                                 f"model.patch_size=auto picks from {MIN_GRID * p} px up (e.g. {image_size // p * p}); "
+                                 "change the image size or set model.patch_size")
+            return p
+    smallest = min(PATCH_SIZES)
+    raise ValueError(f"data.image_size={image_size} is too small for model.patch_size=auto, which needs a mask grid of "
+                     f"at least {MIN_GRID}x{MIN_GRID} patches of {smallest} px ({MIN_GRID * smallest} px); use larger "
+                     f"images, or set model.patch_size={smallest} for a coarser grid")
 
 
 @dataclass
@@ -26,14 +44,20 @@ class ModelConfig:
     decoder_dim: int = 512
     decoder_depth: int = 1
     norm_pix_loss: bool = True
-    patch_size: int = 32  # mask patch side = encoder total stride (32 paper; 16 / 8 for small images: stem stride /8)
+    # mask patch side = encoder total stride (32 paper; 16 / 8 for small images: stem stride /8); auto: the largest
+    # giving a mask grid of at least 4x4 at data.image_size (`auto_patch_size`), resolved by PretrainConfig.check
+    patch_size: Union[int, Literal["auto"]] = "auto"
+    patch_size_auto: bool = field(default=False, init=False)  # derived, not a key: patch_size was resolved from auto
 
     def check(self) -> None:
         if self.name not in MODEL_NAMES:
             raise ValueError(f"model.name={self.name!r} is not valid; choose one of: {', '.join(MODEL_NAMES)}")
         if not self.init:
             raise ValueError("model.init is empty; give a checkpoint file or 'none' (random initialisation)")
-        stem_stride(self.patch_size, key="model.patch_size")
+        if self.patch_size != "auto" and self.patch_size not in PATCH_SIZES:
+            raise ValueError(f"model.patch_size={self.patch_size!r} is not valid; choose one of: "
+                             f"{', '.join(map(str, PATCH_SIZES))}, auto (the mask patch side; auto, the default, picks "
+                             f"the largest giving a {MIN_GRID}x{MIN_GRID} mask grid at data.image_size)")
         if self.backend not in BACKENDS:
             raise ValueError(f"model.backend={self.backend!r} is not valid; choose one of: {', '.join(sorted(BACKENDS))}")
         if self.backend == "minkowski":  # an optional library: its absence is a config error, found now
@@ -131,6 +155,7 @@ class PretrainConfig(RunConfig):
         self.model.check()
         self.data.check()
         self.monitor.check()
+        self.resolve_patch_size()
         p = self.patch()
         if self.data.image_size < p or self.data.image_size % p:
             raise ValueError(f"data.image_size={self.data.image_size} must be a positive multiple of {p}, the mask patch "
@@ -149,9 +174,36 @@ class PretrainConfig(RunConfig):
         self.data.check_path()
         self.monitor.check_path()
 
+    def resolve_patch_size(self) -> None:
+        """model.patch_size=auto -> the number for data.image_size (`auto_patch_size`), so everything after the
+        config (the model, the checkpoint header, config.yaml) sees an int; `patch_size_auto` remembers it."""
+        if self.model.patch_size == "auto":
+            self.model.patch_size = auto_patch_size(self.data.image_size)
+            self.model.patch_size_auto = True
+
     def patch(self) -> int:
         """Side of a mask patch in pixels (the encoder's total stride): the one place the patch grid comes from."""
+        self.resolve_patch_size()
         return self.model.patch_size
+
+    def patch_summary(self) -> str:
+        """The run's first line's words on the patch: 'patch size 16 (auto: 4x4 grid at 64 px)'."""
+        p, size = self.patch(), self.data.image_size
+        auto = "auto: " if self.model.patch_size_auto else ""
+        return f"patch size {p} ({auto}{size // p}x{size // p} grid at {size} px)"
+
+    def coarse_grid_warning(self) -> str | None:
+        """A warning when an explicit model.patch_size leaves a mask grid under 4x4 (a setting the digits study found
+        to make the encoder worse than random init); None otherwise."""
+        p, size = self.patch(), self.data.image_size
+        if size // p >= MIN_GRID:
+            return None
+        try:
+            better = f"model.patch_size=auto picks {auto_patch_size(size)} here"
+        except ValueError:
+            better = f"use images of at least {MIN_GRID * min(PATCH_SIZES)} px"
+        return (f"model.patch_size={p} gives a {size // p}x{size // p} mask grid at data.image_size={size}, too coarse "
+                f"a pretext task (on the digits such an encoder ended worse than random init); {better}")
 
     def check_mask_grid(self) -> None:
         """model.mask_ratio must leave >= 1 visible and >= 1 masked patch of the (image_size / patch)^2 grid."""

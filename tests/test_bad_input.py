@@ -15,8 +15,8 @@ from fcmae.recipes import find_config
 from imagegen import make_imagefolder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["device=cpu", "model.decoder_dim=32", "model.mask_ratio=0.5", "data.image_size=64", "data.batch_size=8",
-         "data.num_workers=0", "optim.epochs=1", "optim.warmup_epochs=0", "log.progress=false",
+SMALL = ["device=cpu", "model.decoder_dim=32", "model.mask_ratio=0.5", "data.image_size=64", "model.patch_size=32",
+         "data.batch_size=8", "data.num_workers=0", "optim.epochs=1", "optim.warmup_epochs=0", "log.progress=false",
          "log.tensorboard=false", "log.vis_every_epochs=0"]
 
 

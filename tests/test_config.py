@@ -39,7 +39,7 @@ def test_overrides_and_roundtrip(tmp_path):
     ("data.format=zip", ["data.format", "imagefolder", "webdataset"]),
     ("model.name=convnextv2_giant", ["model.name", "convnextv2_atto"]),
     ("model.backend=nope", ["model.backend", "masked"]),
-    ("data.image_size=100", ["data.image_size", "multiple of 32"]),
+    ("data.image_size=200", ["data.image_size", "multiple of 32"]),  # model.patch_size=auto: 32 from 128 px
     ("model.mask_ratio=1.0", ["model.mask_ratio", "(0, 1)"]),
     ("model.mask_ratio=0", ["model.mask_ratio", "(0, 1)"]),
     ("data.batch_size=100", ["data.batch_size", "divisible", "3"]),  # 100 % (1 process x 3 accum)
@@ -107,6 +107,6 @@ def test_print_config_shows_value_default_and_source(tmp_path, capsys):
         return [k for key, v in d.items() for k in (leaves(v, f"{prefix}{key}.") if isinstance(v, dict)
                                                     else [prefix + key])]
     assert sorted(rows) == sorted(leaves(to_dict(PretrainConfig())))  # every key, once
-    assert rows["optim.epochs"] == ["2", "800", "override"] and rows["model.patch_size"] == ["16", "32", "recipe"]
+    assert rows["optim.epochs"] == ["2", "800", "override"] and rows["model.patch_size"] == ["16", "auto", "recipe"]
     assert rows["optim.lr"] == ["null", "null", "default"]
     assert not (tmp_path / "r").exists()  # printed, nothing run

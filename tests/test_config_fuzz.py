@@ -91,7 +91,7 @@ RULES = {
         **RUN,
         "model.name": NOTHING, "model.init": NOTHING, "model.backend": NOTHING, "model.in_chans": SMALL,
         "model.mask_ratio": OPEN_UNIT, "model.decoder_dim": SMALL, "model.decoder_depth": SMALL0,
-        "model.norm_pix_loss": BOOL, "model.patch_size": NOTHING,  # 32, 16 or 8
+        "model.norm_pix_loss": BOOL, "model.patch_size": NOTHING,  # 32, 16, 8 or auto
         "data.path": NOTHING, "data.format": NOTHING, "data.image_size": NOTHING, "data.batch_size": COUNT,
         "data.num_workers": SMALL0, "data.min_scale": RIGHT_CLOSED, "data.hflip": UNIT, "data.fast_decode": BOOL,
         "data.mean": {"list", "null"}, "data.std": {"list", "null"}, "data.shuffle_buffer": COUNT,
@@ -123,7 +123,7 @@ SCHEMAS = {  # schema, --config, the overrides that make it runnable (here: the 
 
 def leaves(cls: type, prefix: str = "") -> list[str]:
     hints = get_type_hints(cls)
-    return [k for f in dataclasses.fields(cls) for k in (
+    return [k for f in dataclasses.fields(cls) if f.init for k in (  # init=False: derived state, not a key
         leaves(hints[f.name], f"{prefix}{f.name}.") if dataclasses.is_dataclass(hints[f.name]) else [prefix + f.name])]
 
 

@@ -113,10 +113,10 @@ def test_probe_on_digits_equals_oracle_on_per_image_features():
 
 
 # --- the monitor in pretraining ---------------------------------------------------------------------------------
-BASE = ["device=cpu", "model.decoder_dim=32", "model.mask_ratio=0.5", "data.image_size=64", "data.batch_size=8",
-        "data.num_workers=0", "optim.epochs=2", "optim.warmup_epochs=0", "optim.lr=2e-3", "checkpoint.every_steps=1",
-        "checkpoint.keep_every_epochs=0", "log.every_steps=1", "log.vis_every_epochs=0", "log.progress=false",
-        "log.tensorboard=false"]
+BASE = ["device=cpu", "model.decoder_dim=32", "model.mask_ratio=0.5", "data.image_size=64", "model.patch_size=32",
+        "data.batch_size=8", "data.num_workers=0", "optim.epochs=2", "optim.warmup_epochs=0", "optim.lr=2e-3",
+        "checkpoint.every_steps=1", "checkpoint.keep_every_epochs=0", "log.every_steps=1", "log.vis_every_epochs=0",
+        "log.progress=false", "log.tensorboard=false"]
 MONITOR = ["monitor.every_epochs=1", "monitor.data.format=digits", "monitor.data.image_size=32",
            "monitor.data.digits_per_class=5", "monitor.data.digits_val=40", "monitor.data.eval_batch_size=32",
            "monitor.data.num_workers=0"]

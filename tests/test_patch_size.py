@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from fcmae.cli import main
-from fcmae.config import load_config
+from fcmae.config import load_config, to_dict
 from fcmae.finetune import finetune
 from fcmae.finetune_config import FinetuneConfig
 from fcmae.model import FCMAE
@@ -88,7 +88,7 @@ def test_finetune_patch_size_mismatch_fails_before_data(pretrained16, tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["model.patch_size=12"], "model.patch_size=12 is not valid; choose one of: 32, 16, 8"),
     (["model.patch_size=4"], "model.patch_size=4 is not valid"),
-    (["data.image_size=48"], "data.image_size=48 must be a positive multiple of 32, the mask patch size model.patch_s"),
+    (["data.image_size=48", "model.patch_size=32"], "data.image_size=48 must be a positive multiple of 32, the mask "),
     (["data.image_size=40", "model.patch_size=16"], "data.image_size=40 must be a positive multiple of 16, the mask"),
 ])
 def test_pretrain_config_errors(overrides, message):
@@ -132,3 +132,63 @@ def test_visualize_and_bench_at_small_patches(pretrained16, images, tmp_path, ca
     assert "image 32px  patch 8" in capsys.readouterr().out
     assert main(["bench", "--device", "cpu", "--image-size", "40", "--patch-size", "16"]) == 2
     assert "multiple of the patch size 16" in capsys.readouterr().err
+
+
+# --- model.patch_size=auto (issue 29, point 6) ----------------------------------------------------------------------
+@pytest.mark.parametrize("size, patch", [(32, 8), (48, 8), (56, 8), (64, 16), (96, 16), (112, 16), (128, 32),
+                                         (224, 32), (512, 32)])
+def test_auto_patch_is_the_largest_giving_a_4x4_grid(size, patch):
+    cfg = load_config(PretrainConfig, None, ["data.path=/x", f"data.image_size={size}"])
+    assert cfg.model.patch_size == patch and cfg.model.patch_size_auto and size // patch >= 4
+    assert cfg.coarse_grid_warning() is None and cfg.patch_summary().startswith(f"patch size {patch} (auto: ")
+    saved = to_dict(cfg)["model"]
+    assert saved["patch_size"] == patch and "patch_size_auto" not in saved  # config.yaml: the number, not "auto"
+
+
+@pytest.mark.parametrize("size, words", [
+    (16, ["data.image_size=16 is too small for model.patch_size=auto", "model.patch_size=8"]),
+    (24, ["data.image_size=24 is too small"]),
+    (36, ["data.image_size=36 must be a multiple of 8", "model.patch_size=auto", "e.g. 32"]),
+    (100, ["data.image_size=100 must be a multiple of 16", "from 64 px up", "e.g. 96"]),
+    (200, ["data.image_size=200 must be a multiple of 32", "from 128 px up", "e.g. 192"]),
+])
+def test_auto_patch_refuses_sizes_it_cannot_serve_in_one_line(size, words):
+    with pytest.raises(ValueError) as e:
+        load_config(PretrainConfig, None, ["data.path=/x", f"data.image_size={size}"])
+    assert "\n" not in str(e.value) and all(w in str(e.value) for w in words), str(e.value)
+
+
+def test_recipes_resolve_to_the_papers_32_at_224_and_16_at_64():
+    for size in ("atto", "femto", "pico", "nano", "tiny", "base", "large", "huge"):
+        assert load_config(PretrainConfig, f"configs/pretrain/{size}.yaml", ["data.path=/x"]).model.patch_size == 32
+        small = load_config(PretrainConfig, f"configs/pretrain/{size}.yaml", ["data.path=/x", "data.image_size=64"])
+        assert (small.model.patch_size, small.model.patch_size_auto) == (16, True)
+    demo = load_config(PretrainConfig, "configs/pretrain/demo.yaml")
+    assert (demo.model.patch_size, demo.model.patch_size_auto) == (16, False)  # the demo states its 16
+
+
+def test_small_images_train_with_the_auto_patch_and_an_explicit_coarse_grid_warns(tmp_path, capsys, monkeypatch):
+    """The issue's command, `fcmae pretrain --config pretrain/atto data.image_size=64` on 64-px images: patch 16
+    (a 4x4 grid), said in the first line and recorded; the same run with an explicit 32 warns in one stderr line."""
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    make_imagefolder(str(tmp_path / "img"), classes=1, per_class=16, size=64)
+    run = ["pretrain", "--config", "pretrain/atto", "data.image_size=64", f"data.path={tmp_path / 'img'}", *PRE]
+    head, keys = run[:3], run[3:]
+    assert main(run + [f"output_dir={tmp_path / 'auto'}", "log.vis_every_epochs=0"]) == 0
+    out, err = capsys.readouterr()
+    assert "patch size 16 (auto: 4x4 grid at 64 px)" in out.splitlines()[0] and err == ""
+    ckpt = torch.load(tmp_path / "auto" / "last.pt", map_location="cpu", weights_only=True)
+    assert ckpt["model_args"]["patch_size"] == 16 and ckpt["model"]["encoder.stem.0.weight"].shape[-1] == 2
+    assert ckpt["config"]["model"]["patch_size"] == 16
+    assert main(run + [f"output_dir={tmp_path / 'auto'}", "log.vis_every_epochs=0"]) == 0  # resolves to the same 16
+    assert "is complete" in capsys.readouterr().out
+    assert main([*head, "--print-config", *keys, f"output_dir={tmp_path / 'x'}"]) == 0
+    row = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("model.patch_size ")]
+    assert row == [["model.patch_size", "16", "(auto)", "auto", "recipe"]]
+    assert main(run + [f"output_dir={tmp_path / 'p32'}", "model.patch_size=32", "log.vis_every_epochs=0"]) == 0
+    out, err = capsys.readouterr()
+    assert "patch size 32 (2x2 grid at 64 px)" in out.splitlines()[0]
+    assert err.splitlines() == [
+        "fcmae pretrain: warning: model.patch_size=32 gives a 2x2 mask grid at data.image_size=64, too coarse a "
+        "pretext task (on the digits such an encoder ended worse than random init); model.patch_size=auto picks 16 "
+        "here"]

@@ -19,10 +19,10 @@ from fcmae.pretrain_config import PretrainConfig
 from imagegen import make_imagefolder
 
 # atto, 64 px (2x2 patches), decoder 32; 24 images / batch 8 = 3 steps per epoch
-BASE = ["device=cpu", "model.decoder_dim=32", "model.mask_ratio=0.5", "data.image_size=64", "data.batch_size=8",
-        "data.num_workers=0", "optim.epochs=2", "optim.warmup_epochs=0", "optim.lr=2e-3", "checkpoint.every_steps=1",
-        "checkpoint.keep_every_epochs=0", "log.every_steps=1", "log.vis_every_epochs=0", "log.progress=false",
-        "log.tensorboard=false"]
+BASE = ["device=cpu", "model.decoder_dim=32", "model.mask_ratio=0.5", "data.image_size=64", "model.patch_size=32",
+        "data.batch_size=8", "data.num_workers=0", "optim.epochs=2", "optim.warmup_epochs=0", "optim.lr=2e-3",
+        "checkpoint.every_steps=1", "checkpoint.keep_every_epochs=0", "log.every_steps=1", "log.vis_every_epochs=0",
+        "log.progress=false", "log.tensorboard=false"]
 FT = ["device=cpu", "data.image_size=64", "data.batch_size=8", "data.eval_batch_size=16", "data.num_workers=0",
       "optim.epochs=2", "optim.warmup_epochs=0.5", "optim.lr=1e-3", "checkpoint.every_steps=1",
       "checkpoint.keep_every_epochs=0", "log.progress=false", "log.tensorboard=false"]

@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from fcmae.data.device import normalisation, to_device
 from fcmae.data.digits import Digits
 from fcmae.data.folder import ImageFiles, imagefolder_samples, is_imagefolder, list_images
-from fcmae.data.shards import ShardImages, count_samples, expand_shards
+from fcmae.data.shard_stream import is_url
+from fcmae.data.shards import ShardImages, count_samples, expand_shards, raise_read_errors
 from fcmae.data.transforms import default_stats, eval_transform, train_transform
 from fcmae.engine.distributed import DistInfo
 
@@ -19,7 +20,7 @@ def detect_format(path: str, fmt: str = "auto") -> str:
     """auto -> webdataset (.tar pattern or a folder of .tar), imagefolder (class subfolders only) or folder."""
     if fmt != "auto":
         return fmt
-    if ".tar" in path or "{" in path:
+    if ".tar" in path or "{" in path or is_url(path):
         return "webdataset"
     if not os.path.isdir(path):
         raise ValueError(f"data.path {path!r} is neither a folder nor a .tar shard pattern")
@@ -62,10 +63,17 @@ class ImageData:
         global_micro = micro_batch * info.world_size
         if self.format == "webdataset":
             urls = expand_shards(cfg.path)
+            readers = info.world_size * max(1, cfg.num_workers)
+            if len(urls) < readers:  # split_by_node / split_by_worker would leave a reader without a shard
+                raise ValueError(f"the {len(urls)} shards of {cfg.path!r} cannot feed {info.world_size} process(es) x "
+                                 f"{max(1, cfg.num_workers)} loader worker(s), each of which reads whole shards of its "
+                                 "own; lower data.num_workers or write more, smaller shards (fcmae shards --shard-size)")
             num = cfg.num_samples or count_samples(urls)
             if num is None:
-                raise ValueError(f"cannot tell how many samples the shards {cfg.path!r} hold (no sizes.json listing "
-                                 "them, as `fcmae shards` writes); set data.num_samples")
+                where = ("pipe: commands have no sizes.json to read" if urls[0].startswith("pipe:") else
+                         "no sizes.json next to them lists them all, as `fcmae shards` writes")
+                raise ValueError(f"cannot tell how many samples the shards {cfg.path!r} hold ({where}); set "
+                                 "data.num_samples (the sum of the sizes.json values)")
             self.dataset = ShardImages(urls, tf, in_chans, micro_batch, seed, cfg.shuffle_buffer)
             self.num_samples = num
         else:
@@ -113,7 +121,7 @@ class ImageData:
                       persistent_workers=False, prefetch_factor=4 if workers else None)
         if isinstance(self.dataset, ShardImages):
             self.dataset.set_epoch(epoch, skip_micro)
-            return DataLoader(self.dataset, batch_size=None, **common)
+            return raise_read_errors(DataLoader(self.dataset, batch_size=None, **common))
         self.dataset.set_epoch(epoch)
         sampler = SkipSampler(self.dataset, self.info.world_size, self.info.rank, self.seed,
                               skip=skip_micro * self.micro_batch)

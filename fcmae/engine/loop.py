@@ -37,6 +37,18 @@ class NonFiniteLossError(RuntimeError):
     gave a finite loss (rolled back to the checkpoint before it when it was the one that diverged)."""
 
 
+class DataReadError(OSError):
+    """The training data stopped arriving mid-run (a shard server gone, a `pipe:` command that failed); the message
+    names the source. `fix` ends the message's advice: 'rerun the same command to resume once <fix>'."""
+
+    def __init__(self, message: str, fix: str = "the data can be read again"):
+        super().__init__(message)
+        self.fix = fix
+
+    def __reduce__(self):  # from a DataLoader worker to the main process, message and fix intact
+        return type(self), (str(self), self.fix)
+
+
 class Task(Protocol):
     model: nn.Module  # the raw module whose state_dict is saved
     global_batch: int  # samples per optimizer step over all processes
@@ -327,6 +339,8 @@ class _Run:
                 epoch = self.progress.epoch
                 steps, waited, seconds = self._train_epoch(epoch)
                 self._end_epoch(epoch, steps, waited, seconds, summary)
+        except DataReadError as e:  # say where a rerun resumes from, in the same line
+            raise DataReadError(f"{e}; {self._resume_point()} once {e.fix}", e.fix) from None
         finally:
             self.logger.close()
         summary.setdefault("step", self.progress.step)
@@ -423,6 +437,15 @@ class _Run:
         print(f"epoch {p.epoch}/{cfg.optim.epochs}  loss {loss:.4f}  lr {self.lr:.2e}  {ips:.0f} img/s  "
               f"data wait {100 * wait_share:.0f}%  skipped {skipped}  ({seconds:.1f}s)" + _format_metrics(extra),
               flush=True)
+
+    def _resume_point(self) -> str:
+        """Where a rerun of the same command resumes, for a message about a run stopped by its data."""
+        if self.last_step is not None:
+            last = os.path.join(self.out, ckpt_io.LAST)
+            return f"{last} holds step {self.last_step}: rerun the same command to resume"
+        if not self.main:
+            return "rerun the same command to resume from the last checkpoint"
+        return "this run wrote no checkpoint yet: rerun the same command to start where this run started"
 
     def _save(self, path: str) -> None:
         save_checkpoint(path, self.task, self.optimizer, self.scaler, self.progress, self.cfg, self.device)
