@@ -61,6 +61,8 @@ class Task(Protocol):
     #   load_extra_state(state: dict) -> None     on resume, with the whole checkpoint
     #   start(resumed: bool) -> dict[str, Any]    rank 0, once before training; metrics logged as epoch 0 (e.g. a
     #                                             baseline of the untrained model; the task skips it on resume)
+    #   finish() -> dict[str, str]                rank 0, once after the last epoch: writes the run's final files
+    #                                             (e.g. exported weights); returns {name: path} of them
 
 
 def _hook(task: Task, name: str) -> Callable | None:
@@ -301,7 +303,7 @@ class _Run:
                                            else None) if info.distributed else self.model
         self.forward_model = torch.compile(self.ddp) if cfg.compile else self.ddp
         self.logger = MetricsLogger(self.out, enabled=self.main, tensorboard=cfg.log.tensorboard,
-                                    resume_step=self.progress.step if resumed else None)
+                                    resume_step=self.progress.step if resumed else None, config=cfg)
         self.run_t0, self.run_steps0 = time.time(), self.progress.step
         self.lr = cosine_lr(self.progress.step, self.total_steps, self.warmup_steps, self.base_lr, cfg.optim.min_lr)
         summary: dict[str, Any] = {"skipped": 0}
@@ -317,6 +319,10 @@ class _Run:
                 epoch = self.progress.epoch
                 steps, waited, seconds = self._train_epoch(epoch)
                 self._end_epoch(epoch, steps, waited, seconds, summary)
+            if self.main:  # the files the run leaves, recorded (as paths) with its tracked runs
+                finish = _hook(self.task, "finish")
+                self.logger.log_outputs({"checkpoint": os.path.join(self.out, ckpt_io.LAST),
+                                         **(finish() if finish is not None else {})})
         finally:
             self.logger.close()
         summary.setdefault("step", self.progress.step)
