@@ -9,7 +9,8 @@ resumed run replays their steps.
 
 A tracker must not stop a training: its first error (a server that stopped answering, a full disk) prints one
 warning line and turns that tracker off for the rest of the process; metrics.jsonl and TensorBoard keep every row.
-The tracker's package is imported only here, when it is turned on.
+A tracker's package is imported only when it is turned on (by `open_trackers`: fcmae.engine.mlflow_tracker,
+fcmae.engine.wandb_tracker).
 """
 from __future__ import annotations
 

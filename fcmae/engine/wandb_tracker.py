@@ -2,6 +2,7 @@
 so a run the user has open in the same process (wandb.init) is left alone; its files are in {output_dir}/wandb/."""
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 import wandb
@@ -28,8 +29,9 @@ class WandbTracker:
         if self.reopened:
             self.run.config.update(config, allow_val_change=True)
         self.state = {"id": self.run.id, "project": project}
-        print(f"W&B run {self.run.id} ({'continued' if self.reopened else 'new'}) in project {project!r}: "
-              f"{self.run.url or self.run.dir}", flush=True)
+        where = os.path.dirname(self.run.dir) if self.run.offline else self.run.url  # dir: the run folder's files/
+        print(f"W&B run {self.run.id} ({'continued' if self.reopened else 'new'}) in project {project!r}: {where}",
+              flush=True)
 
     def log(self, kind: str, step: int, numbers: dict[str, float], images: dict[str, str]) -> None:
         row: dict[str, Any] = {f"{kind}/{k}": v for k, v in numbers.items()}
