@@ -135,7 +135,7 @@ def test_trackers_off_load_nothing(tmp_path):
                        env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.splitlines()[-1]) == {"code": 0, "loaded": []}
-    assert sorted(os.listdir(out)) == ["config.yaml", "last.pt", "metrics.jsonl"]
+    assert "last.pt" in os.listdir(out) and not {"trackers.json", "wandb"} & set(os.listdir(out))
     assert not os.path.exists(tmp_path / "mlflow.db") and not os.path.exists(tmp_path / "mlruns")
 
 
