@@ -162,6 +162,7 @@ class FinetuneTask:
         self.val = val_loader(self.splits.val, d.eval_batch_size, d.num_workers, info)
         self.dtype = amp_dtype(cfg.amp, info.device)
         self.best = {"top1": -1.0, "epoch": -1, "ema_top1": -1.0, "ema_epoch": -1}
+        self.exported: dict[str, str] | None = None  # by `finish`, once trained
 
     # --- Task protocol -------------------------------------------------------------------------------------------
     def param_groups(self, weight_decay: float) -> list[dict]:
@@ -241,6 +242,12 @@ class FinetuneTask:
     def end_of_epoch(self, epoch: int, last: bool) -> dict[str, Any]:
         return {}
 
+    def finish(self) -> dict[str, str]:
+        """Rank 0, after the last epoch: export (`export`). -> the exported files and the best checkpoints."""
+        self.exported = self.export()
+        best = {name: os.path.join(self.cfg.output_dir, f"{name}.pt") for name in ("best", "best-ema")}
+        return {**self.exported, **{name: path for name, path in best.items() if os.path.isfile(path)}}
+
     # --- outputs ---------------------------------------------------------------------------------------------------
     def save_weights(self, model: nn.Module, path: str, epoch: int, metrics: dict[str, Any]) -> None:
         """A small checkpoint: header + timm state_dict + the config and metrics (read by `fcmae eval`)."""
@@ -295,7 +302,7 @@ def finetune(cfg: FinetuneConfig, on_loss: Callable[[int, torch.Tensor], torch.T
                 print(f"pretrained weights: {task.load_info.summary()}", flush=True)
         summary = train(cfg, task, info, on_loss=on_loss, resume=resume, run_dir=run_dir)
         if info.is_main:
-            summary["exported"] = task.export()
+            summary["exported"] = task.exported or task.export()  # a run that was complete already exports here
             from convnextv2.timm_names import load_line
 
             print(f"best top-1 {task.best['top1']:.2f} (epoch {task.best['epoch']})"

@@ -19,6 +19,7 @@ from fcmae.engine import checkpoint as ckpt_io
 from fcmae.engine.config import check_global_batch
 from fcmae.engine.distributed import DistInfo, cleanup_distributed, init_distributed
 from fcmae.engine.loop import train
+from fcmae.engine.metrics import ImageFile
 from fcmae.engine.resume import check_same_resume_everywhere, complete, complete_message, prepare_resume
 from fcmae.engine.rundir import claim
 from fcmae.engine.optim import param_groups
@@ -161,14 +162,17 @@ class PretrainTask:
 
     def end_of_epoch(self, epoch: int, last: bool) -> dict[str, Any]:
         every = self.cfg.monitor.every_epochs
-        out = self.knn() if self.monitor is not None and ((epoch + 1) % every == 0 or last) else {}
-        self.save_reconstructions(epoch, last)
+        out: dict[str, Any] = self.knn() if self.monitor is not None and ((epoch + 1) % every == 0 or last) else {}
+        picture = self.save_reconstructions(epoch, last)
+        if picture is not None:  # in the epoch's row: its path in metrics.jsonl, the image for the trackers
+            out["reconstruction"] = ImageFile(picture)
         return out
 
-    def save_reconstructions(self, epoch: int, last: bool) -> None:
+    def save_reconstructions(self, epoch: int, last: bool) -> str | None:
+        """reconstruction-epochN.png every log.vis_every_epochs epochs and after the last. -> its path, if written."""
         every = self.cfg.log.vis_every_epochs
         if not every or not ((epoch + 1) % every == 0 or last):
-            return
+            return None
         from fcmae.visualize import save_grid
 
         imgs = self.data.vis_images(self.cfg.log.vis_images).to(self.info.device)
@@ -176,6 +180,7 @@ class PretrainTask:
         mask = random_mask(len(imgs), self.grid, self.model.mask_ratio, generator=g).to(self.info.device)
         path = os.path.join(self.cfg.output_dir, f"reconstruction-epoch{epoch + 1}.png")
         save_grid(self.model, imgs, mask, self.data.mean, self.data.std, path)
+        return path
 
 
 def pretrain(cfg: PretrainConfig, on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> dict:

@@ -85,6 +85,9 @@ RUN = {
     "checkpoint.every_steps": COUNT, "checkpoint.keep_every_epochs": COUNT0,
     "log.every_steps": COUNT, "log.progress": BOOL, "log.tensorboard": BOOL, "log.vis_every_epochs": COUNT0,
     "log.vis_images": COUNT,
+    "log.mlflow": BOOL, "log.wandb": BOOL,  # true needs the package (the dev extra installs both)
+    "log.mlflow_uri": NULL,  # a tracking URI (scheme://...), and only with log.mlflow=true: none of the probes
+    "log.experiment": SCALARS, "log.run_name": SCALARS | NULL,  # names: any scalar is kept as the text written
 }
 RULES = {
     "pretrain": {

@@ -2,6 +2,7 @@
 and the run-level keys. A command's schema embeds these next to its own `model` and `data` sections."""
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -64,10 +65,37 @@ class LogConfig:
     tensorboard: bool = True
     vis_every_epochs: int = 20  # reconstruction grid PNG every N epochs (and after the last); 0 = never
     vis_images: int = 8  # images in the grid
+    # experiment trackers (rank 0; fcmae.engine.trackers): the rows, config, pictures and final files
+    mlflow: bool = False  # needs the mlflow extra: pip install 'fcmae[mlflow]'
+    mlflow_uri: Optional[str] = None  # None: MLflow's own (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here)
+    wandb: bool = False  # needs the wandb extra; WANDB_MODE=offline writes {output_dir}/wandb/ without an account
+    experiment: str = "fcmae"  # MLflow experiment / W&B project
+    run_name: Optional[str] = None  # None: the name of output_dir's folder
 
     def check(self) -> None:
         if self.every_steps < 1 or self.vis_every_epochs < 0 or self.vis_images < 1:
             raise ValueError("log.every_steps >= 1, log.vis_every_epochs >= 0 and log.vis_images >= 1 are required")
+        self.check_trackers()
+
+    def check_trackers(self) -> None:
+        """The tracker keys (fcmae.engine.trackers); a tracker turned on needs its package (looked up, not imported:
+        nothing of it is loaded while it is off)."""
+        if self.mlflow_uri is not None:
+            if not self.mlflow:
+                raise ValueError(f"log.mlflow_uri={self.mlflow_uri!r} is set but log.mlflow is false; add "
+                                 "log.mlflow=true (or leave log.mlflow_uri unset)")
+            if "://" not in self.mlflow_uri and not self.mlflow_uri.startswith("file:") \
+                    and self.mlflow_uri != "databricks":
+                raise ValueError(f"log.mlflow_uri={self.mlflow_uri!r} is not a tracking URI; give e.g. "
+                                 "sqlite:///mlflow.db or http://HOST:5000")
+        if not self.experiment.strip():
+            raise ValueError("log.experiment is empty; give the MLflow experiment / W&B project name (default fcmae)")
+        if self.wandb and any(c in self.experiment for c in "/\\#?%:"):
+            raise ValueError(f"log.experiment={self.experiment!r} cannot name a W&B project (no / \\ # ? % :); "
+                             "choose another log.experiment")
+        for key, on in (("mlflow", self.mlflow), ("wandb", self.wandb)):
+            if on and importlib.util.find_spec(key) is None:
+                raise ValueError(f"log.{key}=true needs the {key} package: pip install 'fcmae[{key}]'")
 
 
 @dataclass

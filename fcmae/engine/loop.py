@@ -76,6 +76,8 @@ class Task(Protocol):
     #                                             baseline of the untrained model; the task skips it on resume)
     #   outputs: tuple[str, ...]                  fnmatch patterns of the names it writes in output_dir besides the
     #                                             loop's (fcmae.engine.rundir: a fresh run never overwrites them)
+    #   finish() -> dict[str, str]                rank 0, once after the last epoch: writes the run's final files
+    #                                             (e.g. exported weights); returns {name: path} of them
 
 
 def _hook(task: Task, name: str) -> Callable | None:
@@ -323,7 +325,7 @@ class _Run:
         self.forward_model = torch.compile(self.ddp) if cfg.compile else self.ddp
         # a fresh start drops the rows of an earlier attempt that wrote no checkpoint (its steps are replayed)
         self.logger = MetricsLogger(self.out, enabled=self.main, tensorboard=cfg.log.tensorboard,
-                                    resume_step=self.progress.step if resumed else -1)
+                                    resume_step=self.progress.step if resumed else -1, config=cfg)
         self.run_t0, self.run_steps0 = time.time(), self.progress.step
         self.lr = cosine_lr(self.progress.step, self.total_steps, self.warmup_steps, self.base_lr, cfg.optim.min_lr)
         summary: dict[str, Any] = {"skipped": 0}
@@ -339,6 +341,10 @@ class _Run:
                 epoch = self.progress.epoch
                 steps, waited, seconds = self._train_epoch(epoch)
                 self._end_epoch(epoch, steps, waited, seconds, summary)
+            if self.main:  # the files the run leaves, recorded (as paths) with its tracked runs
+                finish = _hook(self.task, "finish")
+                self.logger.log_outputs({"checkpoint": os.path.join(self.out, ckpt_io.LAST),
+                                         **(finish() if finish is not None else {})})
         except DataReadError as e:  # say where a rerun resumes from, in the same line
             raise DataReadError(f"{e}; {self._resume_point()} once {e.fix}", e.fix) from None
         finally:

@@ -1,19 +1,32 @@
-"""Rank-0 outputs: metrics.jsonl rows, TensorBoard scalars, and the tqdm progress bar."""
+"""Rank-0 outputs: metrics.jsonl rows, TensorBoard scalars, the experiment trackers, and the tqdm progress bar."""
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from convnextv2.checkpoint.io import atomic_write
 
+if TYPE_CHECKING:
+    from fcmae.engine.config import RunConfig
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """A picture the run wrote, as a value of a metrics row (e.g. the reconstruction grid): metrics.jsonl records its
+    path (relative to output_dir), the trackers receive the image."""
+    path: str
+
 
 class MetricsLogger:
-    """Appends one JSON object per line to {output_dir}/metrics.jsonl and mirrors numbers to TensorBoard (tb/).
+    """Appends one JSON object per line to {output_dir}/metrics.jsonl and mirrors numbers to TensorBoard (tb/) and
+    to the experiment trackers `config.log` turns on (fcmae.engine.trackers, which also get the resolved config).
 
     Rows carry `kind`: "step" (every log.every_steps optimizer steps) or "epoch" (end of each epoch).
     Disabled (no files) on ranks other than 0. resume_step: the run resumes after that optimizer step, so rows of
@@ -22,49 +35,77 @@ class MetricsLogger:
     """
 
     def __init__(self, output_dir: str, enabled: bool = True, tensorboard: bool = True,
-                 resume_step: int | None = None):
+                 resume_step: int | None = None, config: RunConfig | None = None):
         self.enabled = enabled
+        self.output_dir = output_dir
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self.tb = None
+        logged_until: dict[str, int] = {}
         if enabled and resume_step is not None:
-            self.truncate_after(resume_step)
+            logged_until = self.truncate_after(resume_step)
+        resumed = resume_step is not None and resume_step >= 0  # -1: a fresh start, whose trackers start new runs
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported lazily: slow, and only rank 0 needs it
             # purge_step hides the events logged after the checkpoint by the interrupted run
             self.tb = SummaryWriter(os.path.join(output_dir, "tb"),
                                     purge_step=resume_step + 1 if resume_step is not None else None)
+        self.trackers = []
+        if enabled and config is not None:
+            from fcmae.engine.trackers import open_trackers
 
-    def truncate_after(self, step: int) -> None:
-        """Drop rows with a step after `step` (atomically: temp file + os.replace)."""
+            self.trackers = open_trackers(config, resumed, logged_until if resumed else {})
+
+    def truncate_after(self, step: int) -> dict[str, int]:
+        """Drop rows with a step after `step` (atomically: temp file + os.replace). -> kind -> the last step logged
+        before (the rows the trackers already hold)."""
         if not os.path.isfile(self.path):
-            return
+            return {}
         with open(self.path) as f:
             lines = f.readlines()
-        keep = []
+        keep, logged_until = [], {}
         for line in lines:
             try:
-                if json.loads(line)["step"] > step:
+                row = json.loads(line)
+                logged_until[row["kind"]] = max(row["step"], logged_until.get(row["kind"], row["step"]))
+                if row["step"] > step:
                     continue
             except (ValueError, KeyError, TypeError):  # a line cut short by the interruption
                 continue
             keep.append(line if line.endswith("\n") else line + "\n")
         if len(keep) != len(lines):
             atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(keep)))
+        return logged_until
 
     def log(self, kind: str, step: int, **values: Any) -> None:
+        """One row; values: numbers, and `ImageFile`s (pictures written for this row)."""
         if not self.enabled:
             return
-        row = {"kind": kind, "step": step, "time": round(time.time(), 3), **values}
+        images = {k: v.path for k, v in values.items() if isinstance(v, ImageFile)}
+        shown = {k: os.path.relpath(v, self.output_dir) for k, v in images.items()}
+        row = {"kind": kind, "step": step, "time": round(time.time(), 3), **values, **shown}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and k not in ("epoch", "step")}
         if self.tb is not None:
-            for k, v in values.items():
-                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
-                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+            for k, v in numbers.items():
+                self.tb.add_scalar(f"{kind}/{k}", v, step)
+        for tracker in self.trackers:
+            tracker.log(kind, step, numbers, images)
+
+    def log_outputs(self, paths: dict[str, str]) -> None:
+        """The files a finished run leaves (name -> path), recorded with its tracked runs."""
+        for tracker in self.trackers:
+            tracker.log_outputs({k: os.path.abspath(v) for k, v in paths.items()})
 
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        # called from a `finally`: an exception on its way out means the training did not finish
+        error = sys.exc_info()[1]
+        status = ("finished" if error is None else "killed" if isinstance(error, (KeyboardInterrupt, SystemExit))
+                  else "failed")
+        for tracker in self.trackers:
+            tracker.close(status)
 
 
 def progress_bar(total: int, initial: int, desc: str, enabled: bool) -> tqdm:
