@@ -11,7 +11,7 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from fcmae.config import _flat
+from fcmae.config import flatten
 from fcmae.engine.trackers import run_name
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 def as_params(config: dict[str, Any]) -> dict[str, str]:
     """{"optim": {"epochs": 1}} -> {"optim.epochs": "1"}: MLflow params are text (YAML/JSON spelling)."""
-    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in _flat(config).items()}
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in flatten(config).items()}
 
 
 class MlflowTracker:
