@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import types
+from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
@@ -235,11 +236,11 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML, atomically."""
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    """Write the resolved config as YAML, atomically (a failed write: a WriteError naming `path`, no temp left)."""
+    from convnextv2.checkpoint.io import atomic_write
+
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 

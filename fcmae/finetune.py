@@ -7,7 +7,6 @@ best-EMA checkpoints, and the final weights exported in timm format.
 """
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Callable
 
@@ -261,8 +260,7 @@ class FinetuneTask:
             out["ema"] = os.path.join(self.cfg.output_dir, "model-ema.safetensors")
             save_state_dict(self.ema.module.state_dict(), out["ema"], meta)
         write_json(os.path.join(self.cfg.output_dir, "config.json"), hub)
-        with open(os.path.join(self.cfg.output_dir, "classes.json"), "w") as f:
-            json.dump(self.classes, f)
+        write_json(os.path.join(self.cfg.output_dir, "classes.json"), self.classes)
         return out
 
 
