@@ -66,7 +66,11 @@ def read_hub_config(path: str | os.PathLike) -> tuple[dict[str, Any], str] | Non
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         if METADATA_KEY in meta:
-            return json.loads(meta[METADATA_KEY]), f"{path.name}'s metadata"
+            try:
+                return json.loads(meta[METADATA_KEY]), f"{path.name}'s metadata"
+            except ValueError as e:
+                raise ValueError(f"{path}: its safetensors metadata {METADATA_KEY!r} is not valid JSON ({e}); "
+                                 "re-export the file (fcmae convert)") from None
     beside = path.parent / "config.json"
     if beside.is_file():
         try:

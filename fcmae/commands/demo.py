@@ -84,6 +84,11 @@ def run(args: argparse.Namespace) -> dict:
     from fcmae.finetune import finetune
     from fcmae.pretrain import pretrain
 
+    from fcmae.engine.config import check_at_least, check_seed
+
+    check_at_least("--pretrain-epochs", args.pretrain_epochs, 1)
+    check_at_least("--finetune-epochs", args.finetune_epochs, 1)
+    check_seed("--seed", args.seed)
     out = args.out or os.path.join("runs", "demo", time.strftime("%Y%m%d-%H%M%S"))
     pre_cfg, ft_cfg, scratch_cfg = demo_configs(args, out)
 

@@ -34,18 +34,35 @@ def expand_shards(path: str) -> list[str]:
 
 
 def count_samples(urls: list[str]) -> int | None:
-    """Samples in `urls` according to the sizes.json that `fcmae shards` writes next to them, if all are listed."""
-    total = 0
+    """Samples in `urls` according to the sizes.json that `fcmae shards` writes next to them, if all are listed.
+    ValueError naming the sizes.json when it is not a {shard name: count} mapping."""
+    total, read = 0, {}
     for url in urls:
         sizes_file = os.path.join(os.path.dirname(url), "sizes.json")
         if not os.path.isfile(sizes_file):
             return None
-        with open(sizes_file) as f:
-            sizes = json.load(f)
-        if os.path.basename(url) not in sizes:
+        if sizes_file not in read:
+            read[sizes_file] = read_sizes(sizes_file)
+        count = read[sizes_file].get(os.path.basename(url))
+        if count is None:
             return None
-        total += int(sizes[os.path.basename(url)])
+        total += count
     return total
+
+
+def read_sizes(path: str) -> dict[str, int]:
+    """A sizes.json as `fcmae shards` writes it: {shard file name: sample count}; ValueError naming the file else."""
+    fix = "rewrite the shards with `fcmae shards SRC DST --overwrite`, or set data.num_samples"
+    try:
+        with open(path, encoding="utf-8") as f:
+            sizes = json.load(f)
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} is not readable JSON ({e}); {fix}") from None
+    if not isinstance(sizes, dict) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                              for n in sizes.values()):
+        raise ValueError(f"{path} must map each shard file name to its sample count (a number >= 0), got "
+                         f"{json.dumps(sizes)[:80]}; {fix}")
+    return sizes
 
 
 def image_bytes(sample: dict) -> bytes | None:
