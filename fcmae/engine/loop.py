@@ -395,6 +395,8 @@ class _Run:
 
     def _kept(self) -> str:
         """What a rerun of the same command starts from."""
+        if not self.main:
+            return f"process {self.info.rank} of {self.info.world_size}; process 0 says what last.pt holds"
         if self.last_step is None:
             return "no checkpoint was written yet: rerun the same command to start again"
         return f"{os.path.join(self.out, ckpt_io.LAST)} holds step {self.last_step}: rerun the same command to resume"
