@@ -39,8 +39,10 @@ class StopSignals:
     """SIGINT / SIGTERM handlers for one command (a context manager: the previous handlers come back on exit).
 
     Outside `deferred()` a signal raises Interrupted where the program is. Inside, the first one sets `signum` and
-    the program goes on to a point where stopping loses nothing; a second one raises at once. In a DataLoader worker
-    (forked with these handlers) signals are ignored: the main process stops, then shuts its workers down.
+    the program goes on to a point where stopping loses nothing; a second one raises at once. A DataLoader worker
+    (forked with these handlers) ignores its first signal - Ctrl-C and a SIGTERM to the process group reach it with
+    the main process, which decides, then shuts its workers down - and ends quietly on the next one (torch's
+    `terminate()` of a worker that did not stop by itself).
     """
 
     def __init__(self) -> None:
@@ -63,9 +65,7 @@ class StopSignals:
     def handle(self, signum: int, frame: FrameType | None) -> None:
         from torch.utils.data import get_worker_info
 
-        if get_worker_info() is not None:
-            return
-        if self.deferring and self.signum is None:
+        if self.signum is None and (self.deferring or get_worker_info() is not None):
             self.signum = signum
             return
         raise Interrupted(signum)
