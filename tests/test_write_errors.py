@@ -2,7 +2,6 @@
 cause, exit 1 (130 / 143 for a signal), no traceback, and no partial output left (no half folder, no 0-byte picture,
 no tars without sizes.json); what was there before stays as it was. A real tmpfs (root), real signals. Also: folder
 walks through link loops, corrupt sizes.json and out-of-range options, refused in one line naming what is wrong."""
-import json
 import os
 import shutil
 import signal
@@ -204,3 +203,20 @@ def test_out_of_range_options_refused(ckpt, folder, tmp_path, capsys, argv, word
     assert main(argv) == 2
     one_line(capsys.readouterr().err, f"fcmae {argv[0]}: error: ", words)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("meta, words", [
+    ("{'input_size': ", "is not a timm config (Expecting property name"),
+    ('{"architecture": "convnextv2_atto"}', "no pretrained_cfg"),
+    ('{"architecture": "convnextv2_atto", "num_classes": 2, "pretrained_cfg": {"input_size": "big"}}',
+     "its pretrained_cfg is not timm's"),
+])
+def test_corrupt_export_metadata_names_the_file(ckpt, tmp_path, capsys, meta, words):
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "w.safetensors"
+    assert main(["convert", ckpt, str(path), "--num-classes", "2"]) == 0
+    save_file(load_file(path), path, metadata={"timm_config": meta})
+    capsys.readouterr()
+    assert main(["eval", str(path), "data.format=digits", "device=cpu"]) == 2
+    one_line(capsys.readouterr().err, "fcmae eval: error: ", "w.safetensors", words)

@@ -67,10 +67,14 @@ def read_hub_config(path: str | os.PathLike) -> tuple[dict[str, Any], str] | Non
             meta = f.metadata() or {}
         if METADATA_KEY in meta:
             try:
-                return json.loads(meta[METADATA_KEY]), f"{path.name}'s metadata"
+                cfg = json.loads(meta[METADATA_KEY])
             except ValueError as e:
-                raise ValueError(f"{path}: its safetensors metadata {METADATA_KEY!r} is not valid JSON ({e}); "
-                                 "re-export the file (fcmae convert)") from None
+                cfg = e
+            if not (isinstance(cfg, dict) and isinstance(cfg.get("pretrained_cfg"), dict)):
+                raise ValueError(f"{path}: its safetensors metadata {METADATA_KEY!r} is not a timm config "
+                                 f"({cfg if isinstance(cfg, ValueError) else 'no pretrained_cfg'}); re-export the "
+                                 "file (fcmae convert)")
+            return cfg, f"{path.name}'s metadata"
     beside = path.parent / "config.json"
     if beside.is_file():
         try:
