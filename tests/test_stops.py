@@ -95,17 +95,32 @@ def test_ctrl_c_stops_after_the_step_then_resumes_bit_equal(folder, reference, t
     resume_to_the_end(out, folder, reference)
 
 
-def test_sigterm_stops_after_the_step(folder, tmp_path):
+def test_sigterm_in_an_epoch_s_last_step_then_resumes_bit_equal(folder, reference, tmp_path):
+    """A real SIGTERM (sent by the process to itself while its 3rd optimizer step runs: the last of epoch 1): last.pt
+    holds the whole epoch's steps, before the epoch's end (its line, its row); the resumed run does that end and
+    finishes equal to the uninterrupted one."""
     out = tmp_path / "run"
-    proc = start(command(out, folder, "data.num_workers=0"))
-    wait_for_step_row(proc, out)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143
-    step = state(out / "last.pt")["step"]
-    one_line(err, "fcmae pretrain: interrupted (SIGTERM)", f"step {step}; {out / 'last.pt'} holds step {step}")
+    code = ("import os, signal, sys; from fcmae.engine import loop; real, n = loop.optimizer_step, []\n"
+            "def step(*a, **k):\n"
+            "    n.append(1)\n"
+            "    if len(n) == 3: os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    return real(*a, **k)\n"
+            "loop.optimizer_step = step\n"
+            "from fcmae.cli import main; sys.exit(main(sys.argv[1:]))")
+    r = subprocess.run([sys.executable, "-c", code, *command(out, folder)[3:]], capture_output=True, text=True,
+                       env=ENV, timeout=300)
+    assert r.returncode == 143
+    one_line(r.stderr, f"fcmae pretrain: interrupted (SIGTERM) at epoch 1, step 3; {out / 'last.pt'} holds step 3: "
+             "rerun the same command to resume")
+    ckpt = state(out / "last.pt")
+    assert (ckpt["epoch"], ckpt["epoch_step"], ckpt["step"]) == (0, 3, 3)
     rows = [json.loads(row) for row in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows if r["kind"] == "step"] == list(range(1, step + 1))  # none past the stop
+    assert [(r["kind"], r["step"]) for r in rows] == [("step", 1), ("step", 2), ("step", 3)]  # none past the stop
+    assert "epoch 1/3" not in r.stdout
+    resume_to_the_end(out, folder, reference)
+    rows = [json.loads(row) for row in (out / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(row) for row in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"], r["loss"]) for r in rows] == [(r["kind"], r["step"], r["loss"]) for r in want]
 
 
 def test_second_ctrl_c_stops_at_once(folder, tmp_path, capsys, monkeypatch):

@@ -314,6 +314,7 @@ class _Run:
         self.run_t0, self.run_steps0 = time.time(), self.progress.step
         self.lr = cosine_lr(self.progress.step, self.total_steps, self.warmup_steps, self.base_lr, cfg.optim.min_lr)
         self.stop = StopSignals.installed()  # a command's Ctrl-C / SIGTERM handlers (None: a library call)
+        self.bar = None  # the epoch's progress bar
         summary: dict[str, Any] = {"skipped": 0}
         try:
             start = _hook(self.task, "start")
@@ -329,6 +330,8 @@ class _Run:
                     steps, waited, seconds = self._train_epoch(epoch)
                 self._end_epoch(epoch, steps, waited, seconds, summary)
         except BaseException as e:
+            if self.bar is not None:  # cleared: the line saying what happened starts on a line of its own
+                self.bar.close()
             self.logger.close(quiet=True)  # the error in flight says what went wrong
             raise self._explained(e) from None
         self.logger.close()
@@ -341,7 +344,8 @@ class _Run:
         cfg, task, p = self.cfg, self.task, self.progress
         accum, spe = cfg.optim.accum_steps, task.steps_per_epoch
         batches = iter(task.batches(epoch, p.epoch_step * accum))
-        bar = progress_bar(spe, p.epoch_step, f"epoch {epoch + 1}/{cfg.optim.epochs}", self.main and cfg.log.progress)
+        bar = self.bar = progress_bar(spe, p.epoch_step, f"epoch {epoch + 1}/{cfg.optim.epochs}",
+                                      self.main and cfg.log.progress)
         t0, steps, waited = time.time(), 0, 0.0
         log = StepLog()
         while p.epoch_step < spe:
@@ -379,15 +383,14 @@ class _Run:
             if self.main and save:
                 self._save(os.path.join(self.out, ckpt_io.LAST))
             if self.stop is not None and (log.stop if self.info.distributed else self.stop.signum is not None):
-                raise self._interrupt(epoch, log, bar)
+                raise self._interrupt(epoch, log)
         bar.close()
         return steps, waited, time.time() - t0  # the epoch's training time: no evaluation, checkpoint or probe
 
-    def _interrupt(self, epoch: int, log: StepLog, bar) -> Interrupted:
+    def _interrupt(self, epoch: int, log: StepLog) -> Interrupted:
         """A stop asked for (SIGINT / SIGTERM) after this optimizer step: read its numbers (a non-finite loss still
         stops the run as such), write last.pt (rank 0) -> the Interrupted to raise."""
         self._read(log, epoch)
-        bar.close()
         if self.main and self.last_step != self.progress.step:
             self._save(os.path.join(self.out, ckpt_io.LAST))
         signum = self.stop.signum or signal.SIGTERM  # SIGTERM: this process stops because another one was signalled
