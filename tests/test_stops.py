@@ -186,7 +186,7 @@ def tmpfs(path: Path, size: str):
     try:
         yield path
     finally:
-        subprocess.run(["umount", str(path)], capture_output=True, timeout=60)
+        subprocess.run(["umount", "--lazy", str(path)], capture_output=True, timeout=60)  # even if a file is open
 
 
 def fill(folder: Path, leave: int = 0) -> Path:
