@@ -25,8 +25,8 @@ import platform
 import shlex
 import statistics
 import sys
-import tempfile
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -34,7 +34,9 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 from convnextv2 import visible_patches
 from convnextv2.backends import BACKENDS
+from convnextv2.checkpoint.io import atomic_write
 from convnextv2.sparse import sparse_forward
+from fcmae.engine.config import check_at_least, check_fraction, check_seed
 from fcmae.engine.optim import build_adamw
 from fcmae.model import FCMAE
 
@@ -54,8 +56,11 @@ def check_args(args: argparse.Namespace) -> tuple[list[str], torch.device, str]:
     for name in ("batch_size", "steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0:
-        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    for option, value, minimum in (("--warmup", args.warmup, 0), ("--decoder-dim", args.decoder_dim, 1),
+                                   ("--threads", args.threads, 0)):
+        check_at_least(option, value, minimum)
+    check_fraction("--mask-ratio", args.mask_ratio)
+    check_seed("--seed", args.seed)
     name = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -82,17 +87,13 @@ def check_json_path(path: str) -> None:
 
 
 def write_json_atomic(path: str, document: dict[str, Any]) -> None:
-    """Write to a temporary file beside `path`, then rename: a reader never sees half a document."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".bench-", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(document, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write to a temporary file beside `path`, then rename: a reader never sees half a document (a failed write: a
+    WriteError naming `path`)."""
+    write_text_atomic(path, json.dumps(document, indent=1) + "\n")
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def command_line(args: argparse.Namespace) -> str:
@@ -208,9 +209,8 @@ def write_profile(folder: str, backend: str, step: Callable[[], Any], device: to
             step()
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     averages = prof.key_averages()
-    with open(os.path.join(folder, f"profile-{backend}.txt"), "w") as f:
-        f.write(f"# {steps} steps, sorted by {sort}\n")
-        f.write(averages.table(sort_by=sort, row_limit=40, max_name_column_width=60) + "\n")
+    write_text_atomic(os.path.join(folder, f"profile-{backend}.txt"), f"# {steps} steps, sorted by {sort}\n"
+                      + averages.table(sort_by=sort, row_limit=40, max_name_column_width=60) + "\n")
     ops = [{"name": e.key, "calls": e.count, "self_cpu_us": e.self_cpu_time_total,
             "self_device_us": getattr(e, "self_device_time_total", 0.0)} for e in averages]
     write_json_atomic(os.path.join(folder, f"profile-{backend}.json"), {

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from importlib.metadata import PackageNotFoundError, entry_points, version
 
 from fcmae.commands import bench, convert, demo, embed, evaluate, finetune, knn, predict, pretrain, shards, visualize
 from fcmae.engine.loop import NonFiniteLossError
+from fcmae.engine.stop import Interrupted, StopSignals
 
 COMMANDS = [pretrain, finetune, evaluate, predict, knn, embed, convert, visualize, shards, demo, bench]
 
@@ -47,15 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except ValueError as e:  # bad input: one clear line, no traceback
-        print(f"fcmae {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except NonFiniteLossError as e:  # a diverged run: the last good checkpoint is kept, the message says what to do
-        print(f"fcmae {args.command}: stopped: {e}", file=sys.stderr)
-        return 3
-    except OSError as e:  # the file system refused (read-only, full, gone): one line naming the file, no traceback
-        print(f"fcmae {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    with StopSignals():  # Ctrl-C / SIGTERM: training stops after its step, anything else at once; one line
+        try:
+            args.func(args)
+        except ValueError as e:  # bad input: one clear line, no traceback
+            print(f"fcmae {args.command}: error: {e}", file=sys.stderr)
+            return 2
+        except NonFiniteLossError as e:  # a diverged run: the last good checkpoint is kept, the message says what to do
+            print(f"fcmae {args.command}: stopped: {e}", file=sys.stderr)
+            return 3
+        except OSError as e:  # the file system refused (read-only, full, gone): one line naming the file, no traceback
+            print(f"fcmae {args.command}: error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt as e:  # SIGINT / SIGTERM (Interrupted says where a training run stopped)
+            stop = e if isinstance(e, Interrupted) else Interrupted(signal.SIGINT)
+            print(f"fcmae {args.command}: {stop if stop.where else f'{stop} before it finished'}", file=sys.stderr)
+            return stop.exit_status
     return 0

@@ -239,10 +239,11 @@ def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: 
 
 
 def save_config(cfg: Any, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML, atomically."""
-    from convnextv2.checkpoint.io import atomic_write  # imports torch: only the runs that write need it
+    """Write the resolved config as YAML, atomically (a failed write: a WriteError naming `path`, no temp left)."""
+    from convnextv2.checkpoint.io import atomic_write
 
-    atomic_write(path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False)))
+    text = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 

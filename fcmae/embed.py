@@ -58,7 +58,9 @@ def embed_files(encoder: torch.nn.Module, dataset: ImageList, batch_size: int, n
 
 
 def write_embeddings(out: Path, emb: torch.Tensor, meta: dict[str, Any]) -> None:
-    """The (N, D) float32 array (safetensors or .npy by suffix) and the file list, each written atomically."""
+    """The (N, D) float32 array (safetensors or .npy by suffix) and the file list, both or neither: the list goes to a
+    temp file, the array is written atomically, then the list replaces its file. A failed write (a full disk) raises
+    a WriteError naming the file and leaves both files as they were."""
     from convnextv2.checkpoint.io import atomic_write
 
     emb = emb.float().contiguous()
@@ -67,12 +69,17 @@ def write_embeddings(out: Path, emb: torch.Tensor, meta: dict[str, Any]) -> None
 
         info = {"checkpoint": str(meta["checkpoint"]), "normalized": str(meta["normalized"]).lower(),
                 "image_size": str(meta["image_size"]), "files": list_path(out).name}
-        atomic_write(out, lambda tmp: save_file({"embeddings": emb}, tmp, metadata=info))
+
+        def save_array(tmp: str) -> None:
+            save_file({"embeddings": emb}, tmp, metadata=info)
     else:
         import numpy as np
 
-        def save_npy(tmp: str) -> None:
+        def save_array(tmp: str) -> None:
             with open(tmp, "wb") as f:  # a file object: np.save would append .npy to a name
                 np.save(f, emb.numpy())
-        atomic_write(out, save_npy)
-    atomic_write(list_path(out), lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1) + "\n"))
+
+    def save_both(list_tmp: str) -> None:
+        Path(list_tmp).write_text(json.dumps(meta, indent=1) + "\n")
+        atomic_write(out, save_array)
+    atomic_write(list_path(out), save_both)

@@ -117,8 +117,12 @@ def exported_preprocessing(path: str, model: torch.nn.Module) -> tuple[dict[str,
                                                              model.num_classes):
         return {}, {}, (f"{where} describes another model ({cfg.get('architecture')}, {cfg.get('num_classes')} "
                         "classes): ignored; data.* defaults apply")
-    data = {"image_size": int(pc["input_size"][-1]), "crop_pct": float(pc.get("crop_pct", 0.875))}
-    data.update({k: list(pc[k]) for k in ("mean", "std") if k in pc})
+    try:
+        data = {"image_size": int(pc["input_size"][-1]), "crop_pct": float(pc.get("crop_pct", 0.875))}
+        data.update({k: [float(v) for v in pc[k]] for k in ("mean", "std") if k in pc})
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise ValueError(f"{where}: its pretrained_cfg is not timm's (input_size, crop_pct, mean, std: "
+                         f"{type(e).__name__}: {e}); re-export the file (fcmae convert) or fix it") from None
     labels = cfg.get("label_names") or pc.get("label_names")
     meta = {"classes": list(labels)} if labels and len(labels) == model.num_classes else {}
     return data, meta, (f"preprocessing from {where}: {data['image_size']} px, crop_pct {data['crop_pct']}, "

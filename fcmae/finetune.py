@@ -7,9 +7,7 @@ best-EMA checkpoints, and the final weights exported in timm format.
 """
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -259,7 +257,7 @@ class FinetuneTask:
         names in their metadata and timm's config.json beside them: timm.create_model("local-dir:RUN_DIR",
         pretrained=True) loads model.safetensors with it (its architecture is the layout's timm name,
         convnextv2.timm_names); `convnextv2.timm_names.load_line` is the line that loads either file."""
-        from convnextv2.checkpoint import atomic_write, infer_arch, save_state_dict, timm_metadata
+        from convnextv2.checkpoint import infer_arch, save_state_dict, timm_metadata
         from convnextv2.checkpoint.convert import write_json
         from convnextv2.checkpoint.hub import metadata
 
@@ -272,8 +270,7 @@ class FinetuneTask:
             out["ema"] = os.path.join(self.cfg.output_dir, "model-ema.safetensors")
             save_state_dict(self.ema.module.state_dict(), out["ema"], meta)
         write_json(os.path.join(self.cfg.output_dir, "config.json"), hub)
-        atomic_write(os.path.join(self.cfg.output_dir, "classes.json"),
-                     lambda tmp: Path(tmp).write_text(json.dumps(self.classes)))
+        write_json(os.path.join(self.cfg.output_dir, "classes.json"), self.classes)
         return out
 
 

@@ -5,9 +5,13 @@ pretrain engine writes one every `log.vis_every_epochs` epochs.
 """
 from __future__ import annotations
 
+import os
+
 import torch
+from PIL import Image
 from torchvision.utils import save_image
 
+from convnextv2.checkpoint.io import atomic_write
 from fcmae.masking import patchify, unpatchify
 from fcmae.model import FCMAE
 
@@ -56,4 +60,8 @@ def reconstruction_grid(model: FCMAE, imgs: torch.Tensor, mask: torch.Tensor, me
 
 def save_grid(model: FCMAE, imgs: torch.Tensor, mask: torch.Tensor, mean: list[float], std: list[float],
               path: str) -> None:
-    save_image(reconstruction_grid(model, imgs, mask, mean, std), path, nrow=4, padding=2, pad_value=1.0)
+    """The grid as a picture at `path` (format from its suffix), atomically: a failed write (a full disk) raises a
+    WriteError naming `path` and leaves no partial picture."""
+    grid = reconstruction_grid(model, imgs, mask, mean, std)
+    image_format = Image.registered_extensions()[os.path.splitext(path)[1].lower()]  # the temp file has no suffix
+    atomic_write(path, lambda tmp: save_image(grid, tmp, format=image_format, nrow=4, padding=2, pad_value=1.0))

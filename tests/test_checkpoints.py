@@ -324,11 +324,11 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     path = tmp_path / "w.pth"
     save_state_dict({"a": torch.ones(2)}, path)
 
-    def broken_save(obj, f, *args, **kwargs):
-        open(f, "wb").write(b"half")
+    def broken_save(obj, f, *args, **kwargs):  # f: the temp file, open
+        f.write(b"half")
         raise OSError("disk full")
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OSError, match=f"cannot write {path}: OSError: disk full"):
         save_state_dict({"a": torch.zeros(2)}, path)
     assert [p.name for p in tmp_path.iterdir()] == ["w.pth"]  # no temp file left behind
     assert torch.equal(load_file(path)["a"], torch.ones(2))  # the old file is intact

@@ -236,8 +236,8 @@ def test_server_dying_under_dataloader_workers_is_one_line_too(shards, serve, tm
     assert r.returncode == 1, r.stderr
     line = one_line(r.stderr)
     assert line.startswith(f"fcmae pretrain: error: reading shard {base}/shard-00000") and line.endswith(
-        "failed (curl exit 18: the transfer ended early); this run wrote no checkpoint yet: rerun the same command to "
-        "start where this run started once the server is back"), line
+        "failed (curl exit 18: the transfer ended early); no checkpoint was written yet: rerun the same command to "
+        "start again once the server is back"), line
     assert not (out / "last.pt").exists()
 
 

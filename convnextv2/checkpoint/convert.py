@@ -19,7 +19,7 @@ from convnextv2.checkpoint.arch import Arch, arch_by_name, infer_arch
 from convnextv2.checkpoint.detect import FORMATS, Source, detect
 from convnextv2.checkpoint.hf import hf_config, hf_to_timm, timm_to_hf
 from convnextv2.checkpoint.hub import metadata
-from convnextv2.checkpoint.io import CheckpointError, atomic_write, load_file, save_state_dict
+from convnextv2.checkpoint.io import CheckpointError, atomic_folder, atomic_write, load_file, save_state_dict
 from convnextv2.checkpoint.minkowski import minkowski_to_timm
 from convnextv2.checkpoint.reference import reference_to_timm
 from convnextv2.encoder import create_convnextv2
@@ -284,13 +284,15 @@ def write_backbone(weights: EncoderWeights, dst: str | os.PathLike, config: dict
     the config in its metadata (DST.pt/.pth: none); a DST without suffix becomes a folder, model.safetensors +
     config.json, that `timm.create_model("local-dir:DST", pretrained=True, features_only=True)` reads."""
     sd, _ = timm_classifier_state_dict(weights, num_classes=0)
+    meta = {**timm_metadata(weights.arch), **(metadata(config) or {})}
     dst = Path(dst)
-    path = dst if dst.suffix else dst / "model.safetensors"
-    if not dst.suffix:
-        dst.mkdir(parents=True, exist_ok=True)
-        write_json(dst / "config.json", config)
-    save_state_dict(sd, path, {**timm_metadata(weights.arch), **(metadata(config) or {})})
-    return path
+    if dst.suffix:
+        save_state_dict(sd, dst, meta)
+        return dst
+    with atomic_folder(dst) as tmp:  # all of the folder or none of it
+        save_state_dict(sd, tmp / "model.safetensors", meta)
+        write_json(tmp / "config.json", config)
+    return dst / "model.safetensors"
 
 
 def hf_state_dict(weights: EncoderWeights, num_classes: int | None = None, head_init_scale: float = HEAD_INIT_SCALE,
@@ -302,7 +304,7 @@ def hf_state_dict(weights: EncoderWeights, num_classes: int | None = None, head_
     return timm_to_hf(sd, base_model=k == 0), hf_config(weights.arch, k, labels), fresh
 
 
-def write_json(path: str | os.PathLike, data: dict[str, Any]) -> None:
+def write_json(path: str | os.PathLike, data: dict[str, Any] | list[Any]) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=2) + "\n"))
 
 
@@ -317,9 +319,9 @@ def write_hf(weights: EncoderWeights, dst: str | os.PathLike, num_classes: int |
     if dst.suffix:
         save_state_dict(sd, dst)
     else:
-        dst.mkdir(parents=True, exist_ok=True)
-        save_state_dict(sd, dst / "model.safetensors")
-        write_json(dst / "config.json", config)
-        if preprocessor is not None:
-            write_json(dst / "preprocessor_config.json", preprocessor)
+        with atomic_folder(dst) as tmp:  # all of the folder or none of it
+            save_state_dict(sd, tmp / "model.safetensors")
+            write_json(tmp / "config.json", config)
+            if preprocessor is not None:
+                write_json(tmp / "preprocessor_config.json", preprocessor)
     return fresh

@@ -67,7 +67,15 @@ def read_hub_config(path: str | os.PathLike) -> tuple[dict[str, Any], str] | Non
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         if METADATA_KEY in meta:
-            return json.loads(meta[METADATA_KEY]), f"{path.name}'s metadata"
+            try:
+                cfg = json.loads(meta[METADATA_KEY])
+            except ValueError as e:
+                cfg = e
+            if not (isinstance(cfg, dict) and isinstance(cfg.get("pretrained_cfg"), dict)):
+                raise ValueError(f"{path}: its safetensors metadata {METADATA_KEY!r} is not a timm config "
+                                 f"({cfg if isinstance(cfg, ValueError) else 'no pretrained_cfg'}); re-export the "
+                                 "file (fcmae convert)")
+            return cfg, f"{path.name}'s metadata"
     beside = path.parent / "config.json"
     cfg = _read_json(beside)
     if isinstance(cfg, dict) and isinstance(cfg.get("pretrained_cfg"), dict) and "architecture" in cfg:

@@ -4,18 +4,27 @@ Loading never unpickles arbitrary objects: `.safetensors` goes through safetenso
 `torch.load(weights_only=True)` (tensors, dicts, lists, numbers, strings; plus `argparse.Namespace`, which the
 reference repo's training checkpoints carry as `args` and which holds plain data). Every failure becomes one
 `CheckpointError` (a `ValueError`) that names the file, the problem and the fix.
+
+Writing is atomic (a temp file beside the target, then os.replace), and every way a write can fail - Python's
+OSError, torch's opaque RuntimeError from its zip writer, safetensors' SafetensorError - becomes one `WriteError` (an
+OSError) naming the file and the cause ("No space left on device"), with the temp file removed and the file that was
+there before left as it was.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import pickle
 import re
+import shutil
 import struct
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, BinaryIO, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -111,23 +120,126 @@ def temp_path(path: str | os.PathLike) -> str:
     return os.path.join(folder, f"{TMP_PREFIX}{name}.{os.getpid()}")
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
-    """Call write(tmp_path) on a temp file in path's folder, then os.replace it onto path: readers never see half."""
+class WriteError(OSError):
+    """A file could not be written (disk full, quota, read-only, I/O error): the message names the file and the cause.
+    `errno` is the cause's (errno.ENOSPC for a full disk) when known."""
+
+
+def _cause_errno(e: BaseException, folder: Path) -> int | None:
+    """The errno behind a failed write: the OSError's own, the 'os error N' safetensors' message carries, or ENOSPC
+    when the folder's file system has no space left (torch's zip writer says only 'unexpected pos ...')."""
+    if isinstance(e, OSError) and e.errno:
+        return e.errno
+    found = re.search(r"os error (\d+)", str(e))
+    if found:
+        return int(found.group(1))
+    with contextlib.suppress(OSError):
+        if shutil.disk_usage(folder).free == 0:
+            return errno.ENOSPC
+    return None
+
+
+def write_error(path: str | os.PathLike, e: BaseException) -> WriteError:
+    """`e`, raised while writing `path`, as one WriteError: 'cannot write PATH: CAUSE[; what to do]'."""
+    if isinstance(e, WriteError):
+        return e
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
-    os.close(fd)
+    code = _cause_errno(e, path.parent if path.parent.exists() else Path("."))
+    cause = os.strerror(code) if code else f"{type(e).__name__}: {e}"
+    hint = {errno.ENOSPC: "; free some space or write elsewhere",
+            errno.EDQUOT: "; free some of your quota or write elsewhere"}.get(code, "")
+    error = WriteError(f"cannot write {path}: {cause}{hint}")
+    error.errno = code
+    return error
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Any write failure inside the block (OSError, torch's RuntimeError, SafetensorError) -> `write_error(path)`."""
     try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it 0600: give it the mode open() would have
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        yield
+    except (OSError, RuntimeError, SafetensorError) as e:
+        raise write_error(path, e) from None
+
+
+class _RecordingFile:
+    """A binary file that keeps the first OSError of its writes: torch's zip writer swallows it and raises an opaque
+    RuntimeError ('unexpected pos 704 vs 598'), so this is where the errno of a full disk survives."""
+
+    def __init__(self, f: BinaryIO):
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.f, name)
+
+
+def torch_save(obj: Any, f: BinaryIO) -> None:
+    """torch.save onto an open binary file; a failed write raises its OSError (errno intact), not torch's message."""
+    recording = _RecordingFile(f)
+    try:
+        torch.save(obj, recording)
+    except RuntimeError:
+        if recording.error is not None:
+            raise recording.error from None
+        raise
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """Call write(tmp_path) on a temp file in path's folder, then os.replace it onto path: readers never see half.
+    A failure raises a WriteError naming `path` (see `write_error`); the temp file is removed, `path` left as it was."""
+    path = Path(path)
+    with writing(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{path.name}.", dir=path.parent)
+        os.close(fd)
+    try:
+        with writing(path):
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it 0600: give it the mode open() would have
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
     return path
+
+
+@contextlib.contextmanager
+def atomic_folder(dst: str | os.PathLike) -> Iterator[Path]:
+    """A temp folder beside `dst` to write a folder's files into; when the block ends they are moved into `dst`
+    (created if missing; files of the same name replaced, others kept). On any failure the temp folder is removed
+    and `dst` is left as it was: never half a folder. Write failures become a WriteError naming the file."""
+    dst = Path(dst)
+    with writing(dst):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    try:
+        try:
+            yield tmp
+        except WriteError as e:  # name the file as the user will know it, not its temp folder
+            error = WriteError(str(e).replace(str(tmp), str(dst)))
+            error.errno = e.errno
+            raise error from None
+        with writing(dst):
+            os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp made it 0700: give it the mode mkdir would have
+            if not dst.exists():
+                os.rename(tmp, dst)
+                return
+            for f in sorted(tmp.iterdir()):  # renames within one file system: no space needed, nothing half
+                os.replace(f, dst / f.name)
+            tmp.rmdir()
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_weights_suffix(path: str | os.PathLike) -> None:
@@ -148,9 +260,12 @@ def save_state_dict(state_dict: dict[str, torch.Tensor], path: str | os.PathLike
     if Path(path).suffix == ".safetensors":
         meta = {**(metadata or {}), "format": "pt"}
         return atomic_write(path, lambda tmp: _st_save(tensors, tmp, metadata=meta))
-    return atomic_write(path, lambda tmp: torch.save(tensors, tmp))
+    return save_torch(tensors, path)
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> Path:
     """torch.save(obj) atomically; obj must stay loadable with weights_only=True (plain containers and tensors)."""
-    return atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            torch_save(obj, f)
+    return atomic_write(path, write)

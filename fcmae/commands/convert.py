@@ -17,7 +17,7 @@ from convnextv2.checkpoint.convert import require_name
 from convnextv2.checkpoint.hub import metadata
 from convnextv2.timm_names import load_line
 from fcmae.convert import fcmae_checkpoint, fcmae_from_encoder
-from fcmae.engine.config import check_writable_dir, check_writable_file
+from fcmae.engine.config import check_at_least, check_writable_dir, check_writable_file
 from fcmae.export import checkpoint_exports, trained_settings, write_backbone_export
 from fcmae.onnx_export import ONNX_TARGETS, check_onnx_args, write_onnx_export
 
@@ -69,8 +69,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          "*.safetensors")
     if args.to == "backbone" and args.num_classes is not None:
         raise ValueError("a backbone has no classifier: leave out --num-classes (or use --to timm)")
-    if args.num_classes is not None and args.num_classes < 0:
-        raise ValueError(f"--num-classes must be >= 0, got {args.num_classes}")
+    check_at_least("--num-classes", args.num_classes, 0)
+    check_at_least("--decoder-dim", args.decoder_dim, 1)
+    check_at_least("--decoder-depth", args.decoder_depth, 0)
     if args.to == "hf" and not dst.suffix:  # a from_pretrained folder
         check_writable_dir(args.dst, "DST")
     else:

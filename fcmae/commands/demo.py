@@ -79,13 +79,27 @@ def demo_configs(args: argparse.Namespace, out: str) -> tuple[PretrainConfig, Fi
 
 
 def run(args: argparse.Namespace) -> dict:
+    from fcmae.engine.config import check_at_least, check_seed
+    from fcmae.engine.stop import Interrupted
+
+    check_at_least("--pretrain-epochs", args.pretrain_epochs, 1)
+    check_at_least("--finetune-epochs", args.finetune_epochs, 1)
+    check_seed("--seed", args.seed)
+    out = args.out or os.path.join("runs", "demo", time.strftime("%Y%m%d-%H%M%S"))
+    pre_cfg, ft_cfg, scratch_cfg = demo_configs(args, out)
+    try:
+        return stages(pre_cfg, ft_cfg, scratch_cfg, out)
+    except Interrupted as e:  # its stages say "rerun the same command", which starts a new demo: say what is kept
+        at = e.where.split(";")[0]
+        raise Interrupted(e.signum, f"{at + ' ' if at else ''}during the demo; its runs so far are in {out}") from None
+
+
+def stages(pre_cfg: PretrainConfig, ft_cfg: FinetuneConfig, scratch_cfg: FinetuneConfig, out: str) -> dict:
+    """Pretrain, convert, fine-tune from it and from scratch, print the comparison -> the stages' summaries."""
     from convnextv2.checkpoint import detect, load_file, read_encoder
     from fcmae.export import write_backbone_export
     from fcmae.finetune import finetune
     from fcmae.pretrain import pretrain
-
-    out = args.out or os.path.join("runs", "demo", time.strftime("%Y%m%d-%H%M%S"))
-    pre_cfg, ft_cfg, scratch_cfg = demo_configs(args, out)
 
     t0 = time.time()
     held = pre_cfg.data.digits_holdout

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from fcmae.data.write_shards import write_shards
-from fcmae.engine.config import check_writable_dir
+from fcmae.engine.config import check_seed, check_writable_dir
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -30,6 +30,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    check_seed("--seed", args.seed)
     check_writable_dir(args.dst, "DST")  # a file, or a folder that cannot be written: before any image is read
     skipped: list[str] = []
     sizes = write_shards(args.src, args.dst, args.shard_size, args.prefix, not args.no_shuffle, args.seed,

@@ -32,12 +32,15 @@ def run(args: argparse.Namespace) -> None:
     from fcmae.data.decode import decode_image
     from fcmae.data.transforms import default_stats, eval_transform
     from fcmae.engine.checkpoint import load_checkpoint
-    from fcmae.engine.config import check_writable_file
+    from fcmae.engine.config import check_at_least, check_fraction, check_seed, check_writable_file
     from fcmae.masking import random_mask
 
     out = Path(args.out)
     if out.suffix.lower() not in Image.registered_extensions():
         raise ValueError(f"--out {args.out}: name the picture with an image extension, e.g. {out.stem or 'grid'}.png")
+    check_at_least("--size", args.size, 1)
+    check_fraction("--mask-ratio", args.mask_ratio)
+    check_seed("--seed", args.seed)
     check_writable_file(args.out, "--out")
     ckpt = load_checkpoint(args.checkpoint)
     if ckpt.get("format") != "fcmae" or "model_args" not in ckpt:
@@ -48,7 +51,7 @@ def run(args: argparse.Namespace) -> None:
     if args.mask_ratio is not None:
         margs["mask_ratio"] = args.mask_ratio
     data_cfg = ckpt.get("config", {}).get("data", {})
-    size = args.size or data_cfg.get("image_size", 224)
+    size = args.size if args.size is not None else data_cfg.get("image_size", 224)
     model = FCMAE(**margs)  # checkpoints from before model.patch_size have none: 32
     model.load_state_dict(ckpt["model"])
     if size % model.patch_size:

@@ -11,6 +11,7 @@ import shutil
 import urllib.error
 import urllib.parse
 import urllib.request
+from typing import Any
 
 import braceexpand
 import torch
@@ -72,7 +73,8 @@ def check_openable(path: str, urls: list[str]) -> None:
 
 def count_samples(urls: list[str]) -> int | None:
     """Samples in `urls` according to the sizes.json that `fcmae shards` writes next to them (fetched from the same
-    server for http(s) shards), if all are listed; None when there is none (or the shards come from `pipe:`)."""
+    server for http(s) shards), if all are listed; None when there is none (or the shards come from `pipe:`).
+    ValueError naming the sizes.json when it is not a {shard name: count} mapping."""
     sizes: dict[str, dict | None] = {}  # folder -> its sizes.json
     total = 0
     for url in urls:
@@ -84,32 +86,53 @@ def count_samples(urls: list[str]) -> int | None:
         listed = sizes[folder]
         if listed is None or name not in listed:
             return None
-        total += int(listed[name])
+        total += listed[name]
     return total
 
 
-def read_sizes(folder: str) -> dict | None:
+SIZES_FIX = "rewrite the shards with `fcmae shards SRC DST --overwrite`, or set data.num_samples"
+
+
+def checked_sizes(sizes: Any, where: str) -> dict[str, int]:
+    """A sizes.json's content as `fcmae shards` writes it, {shard file name: sample count}; ValueError naming it else."""
+    if not isinstance(sizes, dict) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                              for n in sizes.values()):
+        raise ValueError(f"{where} must map each shard file name to its sample count (a number >= 0), got "
+                         f"{json.dumps(sizes)[:80]}; {SIZES_FIX}")
+    return sizes
+
+
+def read_sizes(folder: str) -> dict[str, int] | None:
+    """{folder}/sizes.json (None when there is none); ValueError naming the file when it is not what we write."""
     path = os.path.join(folder, "sizes.json")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            sizes = json.load(f)
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{path} is not readable JSON ({e}); {SIZES_FIX}") from None
+    return checked_sizes(sizes, path)
 
 
-def fetch_sizes(folder_url: str, timeout: float = 30) -> dict | None:
+def fetch_sizes(folder_url: str, timeout: float = 30) -> dict[str, int] | None:
     """The sizes.json at folder_url (None when the server has none); DataReadError when the server cannot be read."""
     url = f"{folder_url}/sizes.json"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
-            return json.loads(r.read())
+            raw = r.read()
     except urllib.error.HTTPError as e:
         if e.code == 404:
             return None
         reason = f"HTTP {e.code} {e.reason}"
     except (urllib.error.URLError, OSError) as e:
         reason = str(getattr(e, "reason", e))
-    except ValueError as e:
-        raise ValueError(f"{url} is not the JSON `fcmae shards` writes ({e}); fix it or set data.num_samples") from None
+    else:
+        try:
+            sizes = json.loads(raw)
+        except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
+            raise ValueError(f"{url} is not readable JSON ({e}); {SIZES_FIX}") from None
+        return checked_sizes(sizes, url)
     raise DataReadError(f"cannot read {url} ({reason}); is the server up? (or set data.num_samples to skip it)")
 
 

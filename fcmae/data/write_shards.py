@@ -8,16 +8,19 @@ class index goes in `cls`. DST/sizes.json maps each shard name to its sample cou
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import json
 import logging
 import os
 import random
+from pathlib import Path
 
 import webdataset as wds
 from PIL import Image
 
+from convnextv2.checkpoint.io import atomic_write, writing
 from fcmae.data.folder import imagefolder_samples, is_imagefolder, list_images
 
 log = logging.getLogger(__name__)
@@ -96,27 +99,59 @@ def write_shards(src: str, dst: str, shard_size: int = 1000, prefix: str = "shar
     order = list(range(len(files)))
     if shuffle:
         random.Random(seed).shuffle(order)
-    os.makedirs(dst, exist_ok=True)
-    sizes: dict[str, int] = {}
-    bad = skipped if skipped is not None else []
+    created = not os.path.isdir(dst)
     pattern = os.path.join(dst, f"{prefix}-%06d.tar")
+    try:
+        with writing(dst):
+            os.makedirs(dst, exist_ok=True)
+        sizes = pack(files, labels, order, pattern, shard_size, max_size, quality,
+                     skipped if skipped is not None else [])
+        atomic_write(os.path.join(dst, "sizes.json"), lambda tmp: Path(tmp).write_text(json.dumps(sizes, indent=1)))
+    except BaseException:  # a full disk, Ctrl-C...: no tar set without its sizes.json is left behind
+        remove_shards(pattern)
+        if created and os.path.isdir(dst) and not os.listdir(dst):
+            os.rmdir(dst)
+        raise
+    return sizes
+
+
+def pack(files: list[str], labels: list[int], order: list[int], pattern: str, shard_size: int,
+         max_size: int | None, quality: int, skipped: list[str]) -> dict[str, int]:
+    """Write files[order] as samples into the tars `pattern % 0, 1, ...`, shard_size each -> {tar name: samples}.
+    Unreadable files are appended to `skipped`. A failed write raises a WriteError naming the tar."""
+    sizes: dict[str, int] = {}
     n = 0
-    with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0) as sink:
+    with writing(pattern % 0):  # ShardWriter opens the first tar at once; no byte limit: shard_size samples each
+        sink = wds.ShardWriter(pattern, maxcount=shard_size, maxsize=float("inf"), verbose=0)
+    try:
         for i in order:
             with open(files[i], "rb") as f:
                 got = prepare_image(f.read(), max_size, quality)
             if got is None:
                 log.warning("skipping unreadable image %s", files[i])
-                bad.append(files[i])
+                skipped.append(files[i])
                 continue
             ext = got[1] or os.path.splitext(files[i])[1].lower().lstrip(".")
             sample = {"__key__": f"{n:09d}", ext: got[0]}
             if labels[i] >= 0:
                 sample["cls"] = labels[i]
-            name = os.path.basename(pattern % (n // shard_size))
-            sizes[name] = sizes.get(name, 0) + 1
-            sink.write(sample)
+            tar = pattern % (n // shard_size)
+            sizes[os.path.basename(tar)] = sizes.get(os.path.basename(tar), 0) + 1
+            with writing(tar):
+                sink.write(sample)
             n += 1
-    with open(os.path.join(dst, "sizes.json"), "w") as f:
-        json.dump(sizes, f, indent=1)
+        with writing(sink.fname):
+            sink.close()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error in flight says what failed
+            sink.close()
+        raise
     return sizes
+
+
+def remove_shards(pattern: str) -> None:
+    """Delete the tars `pattern % 0, 1, ...` (consecutive, as `pack` writes them)."""
+    k = 0
+    while os.path.exists(pattern % k):
+        os.remove(pattern % k)
+        k += 1

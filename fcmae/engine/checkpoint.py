@@ -1,6 +1,7 @@
 """Training checkpoints: atomic writes (temp file in the same folder + os.replace) and safe loading."""
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shutil
@@ -8,21 +9,23 @@ from typing import Any
 
 import torch
 
-from convnextv2.checkpoint.io import TMP_PREFIX, temp_path
+from convnextv2.checkpoint.io import TMP_PREFIX, temp_path, torch_save, writing
 
 LAST = "last.pt"
 PREVIOUS = "previous.pt"  # the last.pt before the newest: what a NaN stop rolls back to
 
 
 def save_atomic(obj: dict[str, Any], path: str) -> None:
-    """torch.save to a temp file next to `path`, fsync, then os.replace: a crash leaves the old file intact."""
+    """torch.save to a temp file next to `path`, fsync, then os.replace: a crash leaves the old file intact. A failed
+    write (a full disk...) raises a WriteError naming `path` and the cause."""
     tmp = temp_path(path)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            with open(tmp, "wb") as f:
+                torch_save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -39,8 +42,14 @@ def save_last(obj: dict[str, Any], path: str) -> None:
         tmp = temp_path(previous)
         try:
             os.link(path, tmp)
-        except OSError:  # a filesystem without hard links: copy
-            shutil.copyfile(path, tmp)
+        except OSError:  # a filesystem without hard links: copy (a failed copy leaves no half file)
+            try:
+                with writing(previous):
+                    shutil.copyfile(path, tmp)
+            except OSError:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(tmp)
+                raise
         os.replace(tmp, previous)
     save_atomic(obj, path)
 

@@ -146,6 +146,24 @@ def check_at_most(key: str, value: int | None, limit: int, why: str) -> None:
         raise ValueError(f"{key}={value} is more than {limit} ({why}); give a smaller value")
 
 
+def check_at_least(option: str, value: int | float | None, minimum: int) -> None:
+    """A command-line number's lower bound (None: not given), refused in one line naming the option."""
+    if value is not None and value < minimum:
+        raise ValueError(f"{option} must be >= {minimum}, got {value}")
+
+
+def check_seed(option: str, value: int) -> None:
+    """A seed option: torch's seed range, as the configs' `seed` key."""
+    if not 0 <= value < 2**63:
+        raise ValueError(f"{option} must be in [0, 2**63) (torch's seed range), got {value}")
+
+
+def check_fraction(option: str, value: float | None) -> None:
+    """A ratio that must be strictly between 0 and 1 (a mask ratio), None: not given."""
+    if value is not None and not 0 < value < 1:
+        raise ValueError(f"{option} must be in (0, 1), got {value}")
+
+
 def unwritable(folder: str) -> str | None:
     """Why files cannot be written in `folder` (created with its missing parents if need be), or None if they can.
     Nothing is created: this runs before any data, file or device is touched."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Protocol
@@ -22,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from convnextv2.checkpoint.io import WriteError
 from fcmae.config import to_dict
 from fcmae.engine import checkpoint as ckpt_io
 from fcmae.engine.config import RunConfig
@@ -30,6 +32,7 @@ from fcmae.engine.metrics import MetricsLogger, format_eta, progress_bar
 from fcmae.engine.optim import build_adamw, cosine_lr, load_optimizer_state, scaled_lr, set_lr, skips_on_device
 from fcmae.engine.resume import check_same_run, complete, complete_message, prepare_resume
 from fcmae.engine.rundir import RunDir, claim
+from fcmae.engine.stop import Interrupted, StopSignals
 
 
 class NonFiniteLossError(RuntimeError):
@@ -170,8 +173,9 @@ class StepLog:
     """
 
     def __init__(self) -> None:
-        self.pending: list[tuple[int, torch.Tensor]] = []  # (steps done before it, stats (2,) on the device)
+        self.pending: list[tuple[int, torch.Tensor]] = []  # (steps done before it, stats (3,) on the device)
         self.interval_t0, self.interval_steps, self.interval_wait = time.perf_counter(), 0, 0.0
+        self.stop = False  # a read step carried some process's stop request (SIGINT / SIGTERM)
 
     def add(self, step: int, stats: torch.Tensor, data_wait: float) -> None:
         self.pending.append((step, stats))
@@ -179,11 +183,12 @@ class StepLog:
         self.interval_wait += data_wait
 
     def read(self) -> list[tuple[int, float, int]]:
-        """-> [(step, summed loss, skipped)] of the pending steps, in one device-to-host copy."""
+        """-> [(step, summed loss, skipped)] of the pending steps, in one device-to-host copy (and `stop`)."""
         if not self.pending:
             return []
         values = torch.stack([stats for _, stats in self.pending]).tolist()
-        rows = [(step, loss, int(skipped)) for (step, _), (loss, skipped) in zip(self.pending, values)]
+        rows = [(step, loss, int(skipped)) for (step, _), (loss, skipped, _) in zip(self.pending, values)]
+        self.stop = self.stop or any(stop > 0 for _, _, stop in values)
         self.pending.clear()
         return rows
 
@@ -197,14 +202,18 @@ class StepLog:
 
 def accumulate(task: Task, forward_model: nn.Module, ddp: nn.Module, batches: Iterable[Any], scaler,
                dtype: torch.dtype | None, info: DistInfo, accum: int, epoch: int, first_micro: int, step: int,
-               on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None) -> tuple[torch.Tensor, float]:
+               on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None,
+               stop: bool = False) -> tuple[torch.Tensor, float]:
     """Forward and backward of one optimizer step's `accum` micro-batches, with no host sync.
 
-    -> (stats, data_wait): stats (2,) float64 on the device, all-reduced over processes: the summed micro-batch
-    losses and the unreadable images replaced; data_wait: seconds spent waiting for the loader.
+    -> (stats, data_wait): stats (3,) float64 on the device, all-reduced over processes: the summed micro-batch
+    losses, the unreadable images replaced, and how many processes ask to stop (`stop`: a SIGINT / SIGTERM arrived),
+    so that every process learns of it at the same step; data_wait: seconds spent waiting for the loader.
     """
     device = info.device
-    stats = torch.zeros(2, dtype=torch.float64, device=device)
+    stats = torch.zeros(3, dtype=torch.float64, device=device)
+    if stop:
+        stats[2] = 1.0
     data_wait = 0.0
     for a in range(accum):
         t0 = time.perf_counter()
@@ -328,6 +337,8 @@ class _Run:
                                     resume_step=self.progress.step if resumed else -1, config=cfg)
         self.run_t0, self.run_steps0 = time.time(), self.progress.step
         self.lr = cosine_lr(self.progress.step, self.total_steps, self.warmup_steps, self.base_lr, cfg.optim.min_lr)
+        self.stop = StopSignals.installed()  # a command's Ctrl-C / SIGTERM handlers (None: a library call)
+        self.bar = None  # the epoch's progress bar
         summary: dict[str, Any] = {"skipped": 0}
         try:
             start = _hook(self.task, "start")
@@ -339,16 +350,19 @@ class _Run:
             self.model.train()
             while self.progress.epoch < cfg.optim.epochs:
                 epoch = self.progress.epoch
-                steps, waited, seconds = self._train_epoch(epoch)
+                with self.stop.deferred() if self.stop is not None else contextlib.nullcontext():
+                    steps, waited, seconds = self._train_epoch(epoch)
                 self._end_epoch(epoch, steps, waited, seconds, summary)
             if self.main:  # the files the run leaves, recorded (as paths) with its tracked runs
                 finish = _hook(self.task, "finish")
                 self.logger.log_outputs({"checkpoint": os.path.join(self.out, ckpt_io.LAST),
                                          **(finish() if finish is not None else {})})
-        except DataReadError as e:  # say where a rerun resumes from, in the same line
-            raise DataReadError(f"{e}; {self._resume_point()} once {e.fix}", e.fix) from None
-        finally:
-            self.logger.close()
+        except BaseException as e:
+            if self.bar is not None:  # cleared: the line saying what happened starts on a line of its own
+                self.bar.close()
+            self.logger.close(quiet=True)  # the error in flight says what went wrong
+            raise self._explained(e) from None
+        self.logger.close()
         summary.setdefault("step", self.progress.step)
         summary.setdefault("epoch", self.progress.epoch)
         return summary
@@ -358,14 +372,16 @@ class _Run:
         cfg, task, p = self.cfg, self.task, self.progress
         accum, spe = cfg.optim.accum_steps, task.steps_per_epoch
         batches = iter(task.batches(epoch, p.epoch_step * accum))
-        bar = progress_bar(spe, p.epoch_step, f"epoch {epoch + 1}/{cfg.optim.epochs}", self.main and cfg.log.progress)
+        bar = self.bar = progress_bar(spe, p.epoch_step, f"epoch {epoch + 1}/{cfg.optim.epochs}",
+                                      self.main and cfg.log.progress)
         t0, steps, waited = time.time(), 0, 0.0
         log = StepLog()
         while p.epoch_step < spe:
             self.lr = cosine_lr(p.step, self.total_steps, self.warmup_steps, self.base_lr, cfg.optim.min_lr)
             set_lr(self.optimizer, self.lr)
             stats, wait = accumulate(task, self.forward_model, self.ddp, batches, self.scaler, self.dtype, self.info,
-                                     accum, epoch, p.epoch_step * accum, p.step, self.on_loss)
+                                     accum, epoch, p.epoch_step * accum, p.step, self.on_loss,
+                                     stop=self.stop is not None and self.stop.signum is not None)
             log.add(p.step, stats, wait)
             waited += wait
             if self.read_every_step:  # before the optimizer step: a non-finite loss stops the run here
@@ -394,8 +410,41 @@ class _Run:
                                 data_wait=interval_wait / max(seconds, 1e-9))
             if self.main and save:
                 self._save(os.path.join(self.out, ckpt_io.LAST))
+            if self.stop is not None and (log.stop if self.info.distributed else self.stop.signum is not None):
+                raise self._interrupt(epoch, log)
         bar.close()
         return steps, waited, time.time() - t0  # the epoch's training time: no evaluation, checkpoint or probe
+
+    def _interrupt(self, epoch: int, log: StepLog) -> Interrupted:
+        """A stop asked for (SIGINT / SIGTERM) after this optimizer step: read its numbers (a non-finite loss still
+        stops the run as such), write last.pt (rank 0) -> the Interrupted to raise."""
+        self._read(log, epoch)
+        if self.main and self.last_step != self.progress.step:
+            self._save(os.path.join(self.out, ckpt_io.LAST))
+        signum = self.stop.signum or signal.SIGTERM  # SIGTERM: this process stops because another one was signalled
+        return Interrupted(signum, f"at epoch {epoch + 1}, step {self.progress.step}; {self._kept()}")
+
+    def _kept(self) -> str:
+        """What a rerun of the same command starts from."""
+        if not self.main:
+            return f"process {self.info.rank} of {self.info.world_size}; process 0 says what last.pt holds"
+        if self.last_step is None:
+            return "no checkpoint was written yet: rerun the same command to start again"
+        return f"{os.path.join(self.out, ckpt_io.LAST)} holds step {self.last_step}: rerun the same command to resume"
+
+    def _explained(self, e: BaseException) -> BaseException:
+        """An interruption or a failed write (a full disk) that stopped training, with what last.pt holds and how to
+        go on; any other error as it is."""
+        if isinstance(e, Interrupted) and not e.where:  # a second signal, or one outside the steps: stopped at once
+            return Interrupted(e.signum, f"at epoch {self.progress.epoch + 1}, step {self.progress.step}; "
+                                         f"{self._kept()}")
+        if isinstance(e, DataReadError):  # the data source, not the run, failed: resume once it is back
+            return DataReadError(f"{e}; {self._kept()} once {e.fix}", e.fix)
+        if isinstance(e, WriteError):
+            error = WriteError(f"{e}; {self._kept()}")
+            error.errno = e.errno
+            return error
+        return e
 
     def _read(self, log: StepLog, epoch: int) -> tuple[float, int]:
         """Bring the pending steps' numbers to the host (a sync point): stop on a non-finite loss, add them to the
@@ -437,21 +486,13 @@ class _Run:
         if keep and (p.epoch % keep == 0 or last):
             self._save(os.path.join(self.out, f"checkpoint-epoch{p.epoch}.pt"))
         extra = {**evaluated, **self.task.end_of_epoch(epoch, last)}
+        seconds = max(seconds, 1e-9)  # an epoch resumed after its last step trains none
         ips, wait_share = steps * self.task.global_batch / seconds, waited / seconds
         self.logger.log("epoch", p.step, epoch=p.epoch, loss=loss, lr=self.lr, img_per_s=ips, data_wait=wait_share,
                         skipped=skipped, seconds=seconds, **extra)
         print(f"epoch {p.epoch}/{cfg.optim.epochs}  loss {loss:.4f}  lr {self.lr:.2e}  {ips:.0f} img/s  "
               f"data wait {100 * wait_share:.0f}%  skipped {skipped}  ({seconds:.1f}s)" + _format_metrics(extra),
               flush=True)
-
-    def _resume_point(self) -> str:
-        """Where a rerun of the same command resumes, for a message about a run stopped by its data."""
-        if self.last_step is not None:
-            last = os.path.join(self.out, ckpt_io.LAST)
-            return f"{last} holds step {self.last_step}: rerun the same command to resume"
-        if not self.main:
-            return "rerun the same command to resume from the last checkpoint"
-        return "this run wrote no checkpoint yet: rerun the same command to start where this run started"
 
     def _save(self, path: str) -> None:
         save_checkpoint(path, self.task, self.optimizer, self.scaler, self.progress, self.cfg, self.device)

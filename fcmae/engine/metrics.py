@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from convnextv2.checkpoint.io import atomic_write
+from convnextv2.checkpoint.io import atomic_write, writing
 
 if TYPE_CHECKING:
     from fcmae.engine.config import RunConfig
@@ -32,6 +33,8 @@ class MetricsLogger:
     Disabled (no files) on ranks other than 0. resume_step: the run resumes after that optimizer step, so rows of
     later steps (written before the interruption, about to be replayed) are dropped: no step appears twice (-1: a
     fresh start, which drops the rows of an earlier attempt that left no checkpoint).
+    A failed write (a full disk) raises a WriteError naming metrics.jsonl or tb/, TensorBoard's included: its writer
+    thread's error comes back at the next add_scalar, flush or close.
     """
 
     def __init__(self, output_dir: str, enabled: bool = True, tensorboard: bool = True,
@@ -46,9 +49,11 @@ class MetricsLogger:
         resumed = resume_step is not None and resume_step >= 0  # -1: a fresh start, whose trackers start new runs
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # imported lazily: slow, and only rank 0 needs it
-            # purge_step hides the events logged after the checkpoint by the interrupted run
-            self.tb = SummaryWriter(os.path.join(output_dir, "tb"),
-                                    purge_step=resume_step + 1 if resume_step is not None else None)
+            self.tb_dir = os.path.join(output_dir, "tb")
+            with writing(self.tb_dir):  # purge_step hides the events logged after the checkpoint by the interrupted run
+                self.tb = SummaryWriter(self.tb_dir, purge_step=resume_step + 1 if resume_step is not None else None)
+            self.previous_excepthook = threading.excepthook
+            threading.excepthook = self.thread_error
         self.trackers = []
         if enabled and config is not None:
             from fcmae.engine.trackers import open_trackers
@@ -83,12 +88,13 @@ class MetricsLogger:
         images = {k: v.path for k, v in values.items() if isinstance(v, ImageFile)}
         shown = {k: os.path.relpath(v, self.output_dir) for k, v in images.items()}
         row = {"kind": kind, "step": step, "time": round(time.time(), 3), **values, **shown}
-        with open(self.path, "a") as f:
+        with writing(self.path), open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         numbers = {k: v for k, v in values.items() if isinstance(v, (int, float)) and k not in ("epoch", "step")}
         if self.tb is not None:
-            for k, v in numbers.items():
-                self.tb.add_scalar(f"{kind}/{k}", v, step)
+            with writing(self.tb_dir):
+                for k, v in numbers.items():
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
         for tracker in self.trackers:
             tracker.log(kind, step, numbers, images)
 
@@ -97,15 +103,35 @@ class MetricsLogger:
         for tracker in self.trackers:
             tracker.log_outputs({k: os.path.abspath(v) for k, v in paths.items()})
 
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-        # called from a `finally`: an exception on its way out means the training did not finish
+    def thread_error(self, args: threading.ExceptHookArgs) -> None:
+        """threading.excepthook while TensorBoard is open: its writer thread's error is not printed as a traceback
+        (the next add_scalar / flush / close raises it here, as a WriteError); any other thread's goes on as before."""
+        from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+        if not isinstance(args.thread, _AsyncWriterThread):
+            self.previous_excepthook(args)
+
+    def close(self, quiet: bool = False) -> None:
+        """Flush and close TensorBoard, and end the tracked runs. quiet: ignore TensorBoard's errors (another error,
+        in flight, says what went wrong)."""
+        # called while an exception is handled when the training did not finish: it sets the trackers' status
         error = sys.exc_info()[1]
         status = ("finished" if error is None else "killed" if isinstance(error, (KeyboardInterrupt, SystemExit))
                   else "failed")
-        for tracker in self.trackers:
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
             tracker.close(status)
+        if self.tb is None:
+            return
+        tb, self.tb = self.tb, None
+        try:
+            with writing(self.tb_dir):
+                tb.close()
+        except OSError:
+            if not quiet:
+                raise
+        finally:
+            threading.excepthook = self.previous_excepthook
 
 
 def progress_bar(total: int, initial: int, desc: str, enabled: bool) -> tqdm:
