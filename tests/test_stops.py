@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from convnextv2.checkpoint.io import TMP_PREFIX
 from fcmae.cli import main
 from fcmae.engine.stop import Interrupted, StopSignals
 from test_bad_input import one_line
@@ -69,7 +70,7 @@ def resume_to_the_end(out, folder, reference) -> None:
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert "resumed from" in r.stdout
     assert_bit_equal(out / "last.pt", reference / "last.pt")
-    assert not [n for n in os.listdir(out) if n.startswith(".")]  # no temp file left
+    assert not [n for n in os.listdir(out) if n.startswith(TMP_PREFIX)]  # no temp file left
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +223,7 @@ def test_full_disk_mid_run_keeps_last_pt_and_resumes_bit_equal(folder, reference
         line = one_line(err, "fcmae pretrain: error: cannot write ", "No space left on device",
                         f"{out / 'last.pt'} holds step {step}: rerun the same command to resume")
         assert str(out) in line.split("cannot write ")[1].split(":")[0]
-        assert not [n for n in os.listdir(out) if n.startswith(".")]
+        assert not [n for n in os.listdir(out) if n.startswith(TMP_PREFIX)]
         ballast.unlink()
         cmd_again = command(out, folder, "checkpoint.every_steps=1", "log.tensorboard=true")
         assert cmd_again == cmd
