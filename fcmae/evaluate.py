@@ -52,7 +52,7 @@ def load_classifier(path: str, ema: bool = False) -> tuple[torch.nn.Module, dict
             raise ValueError(f"{path!r} holds no EMA weights (only a training last.pt does); use best-ema.pt or "
                              "model-ema.safetensors, or leave ema=false")
         src = {"model": meta["ema"]}
-    weights = read_encoder(src)
+    weights = read_encoder(src, where=f"{path} (EMA)" if ema else path)
     fc = weights.state_dict.get("head.fc.weight")
     if fc is None:
         raise ValueError(f"{path!r} has no classifier (head.fc): it is an encoder; fine-tune it first (fcmae finetune)")
@@ -82,8 +82,12 @@ def exported_preprocessing(path: str, model: torch.nn.Module) -> tuple[dict[str,
                                                              model.num_classes):
         return {}, {}, (f"{where} describes another model ({cfg.get('architecture')}, {cfg.get('num_classes')} "
                         "classes): ignored; data.* defaults apply")
-    data = {"image_size": int(pc["input_size"][-1]), "crop_pct": float(pc.get("crop_pct", 0.875))}
-    data.update({k: list(pc[k]) for k in ("mean", "std") if k in pc})
+    try:
+        data = {"image_size": int(pc["input_size"][-1]), "crop_pct": float(pc.get("crop_pct", 0.875))}
+        data.update({k: [float(v) for v in pc[k]] for k in ("mean", "std") if k in pc})
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        return {}, {}, (f"{where} has an unreadable pretrained_cfg ({type(e).__name__}: {e}): ignored; data.* "
+                        "defaults apply")
     labels = cfg.get("label_names") or pc.get("label_names")
     meta = {"classes": list(labels)} if labels and len(labels) == model.num_classes else {}
     return data, meta, (f"preprocessing from {where}: {data['image_size']} px, crop_pct {data['crop_pct']}, "

@@ -35,8 +35,11 @@ def checkpoint_exports(raw: Any) -> tuple[dict[str, Any], dict[str, Any], list[s
     None for anything else (an encoder, a bare state_dict: nothing recorded)."""
     if not isinstance(raw, dict) or raw.get("format") != FINETUNE_FORMAT:
         return None
-    margs, data = raw.get("model_args") or {}, (raw.get("config") or {}).get("data") or {}
-    in_chans, classes = int(margs.get("in_chans", 3)), list(raw.get("classes") or [])
+    margs, config = raw.get("model_args"), raw.get("config")
+    if not isinstance(margs, dict) or "name" not in margs or "num_classes" not in margs:
+        return None  # no header to build the configs from (the weights were checked against what it has)
+    data = (config.get("data") if isinstance(config, dict) else None) or {}
+    in_chans, classes = int(margs.get("in_chans") or 3), [str(c) for c in raw.get("classes") or []]
     size, crop, mean, std = eval_settings(data, in_chans)
     return (timm_config(margs["name"], int(margs.get("patch_size") or 32), int(margs["num_classes"]), in_chans, data,
                         classes or None),

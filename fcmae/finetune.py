@@ -43,14 +43,14 @@ def build_classifier(name: str, num_classes: int, drop_path: float = 0.0, head_i
                              head_init_scale=head_init_scale, in_chans=in_chans)
 
 
-def encoder_from_checkpoint(src: Any) -> tuple[nn.Module, Any]:
-    """Any checkpoint fcmae reads (a path or a loaded dict) -> (timm encoder with its weights, num_classes=0, in eval
-    mode; the EncoderWeights read). The model is built as fine-tuning builds it (`build_classifier`), so whatever
-    the file implies (size, in_chans, stem stride) holds here too."""
+def encoder_from_checkpoint(src: Any, where: str | None = None) -> tuple[nn.Module, Any]:
+    """Any checkpoint fcmae reads (a path or a loaded dict; `where` names it in errors) -> (timm encoder with its
+    weights, num_classes=0, in eval mode; the EncoderWeights read and checked). The model is built as fine-tuning
+    builds it (`build_classifier`), so whatever the file implies (size, in_chans, stem stride) holds here too."""
     from convnextv2.checkpoint import load_encoder_weights, read_encoder
     from convnextv2.checkpoint.convert import require_name
 
-    weights = read_encoder(src)
+    weights = read_encoder(src, where=where)
     arch = weights.arch
     model = build_classifier(require_name(arch), 0, in_chans=arch.in_chans, patch_size=arch.patch_size)
     load_encoder_weights(model, weights)
@@ -58,11 +58,12 @@ def encoder_from_checkpoint(src: Any) -> tuple[nn.Module, Any]:
 
 
 def check_pretrained(path: str, name: str, in_chans: int | None = None, patch_size: int | None = None) -> Any:
-    """Read a pretrained checkpoint (any format) -> EncoderWeights; ValueError when it holds another size or another
-    number of input channels than `in_chans` or another patch size (stem stride) than `patch_size` (None: any)."""
-    from convnextv2.checkpoint import read_encoder
+    """Read a pretrained checkpoint (any format; every tensor checked) -> EncoderWeights; ValueError when it holds
+    another size or another number of input channels than `in_chans` or another patch size (stem stride) than
+    `patch_size` (None: any)."""
+    from fcmae.headers import read_model_init
 
-    weights = read_encoder(path)
+    weights = read_model_init(path)[1]
     if weights.arch.name != name:
         raise ValueError(f"model.init={path!r} holds {weights.arch.describe()}, but model.name={name}; use "
                          f"model.name={weights.arch.name} (configs/finetune/{str(weights.arch.name).split('_')[-1]}"

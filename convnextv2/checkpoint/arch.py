@@ -6,6 +6,7 @@ no header (timm, Hugging Face, reference) tell it too.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -47,8 +48,21 @@ def arch_by_name(name: str) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
     return SIZES[name]
 
 
+def _width(sd: dict[str, torch.Tensor], stage: int) -> int:
+    """Stage `stage`'s width: the length most of its blocks' per-channel tensors (conv_dw, norm) have, so that one
+    wrong tensor is named by the shape check rather than taken for the width. ValueError when there are none."""
+    pattern = re.compile(rf"stages\.{stage}\.blocks\.\d+\.(conv_dw|norm)\.(weight|bias)")
+    widths = Counter(int(v.shape[0]) for k, v in sd.items()
+                     if pattern.fullmatch(k) and isinstance(v, torch.Tensor) and v.ndim > 0)
+    if not widths:
+        raise ValueError(f"stage {stage} has no depthwise convolution or norm (stages.{stage}.blocks.0.conv_dw.weight):"
+                         " its width cannot be read; it is not a complete ConvNeXt V2 encoder")
+    return widths.most_common(1)[0][0]
+
+
 def infer_arch(sd: dict[str, torch.Tensor]) -> Arch:
-    """timm-keyed encoder state_dict -> Arch. Depths count the blocks per stage, dims are each stage's width."""
+    """timm-keyed encoder state_dict -> Arch. Depths count the blocks per stage, dims are each stage's width (the
+    length of most of its per-channel tensors), in_chans and the stem stride come from the stem kernel."""
     stem = sd.get("stem.0.weight")
     if stem is None or stem.ndim != 4:
         raise ValueError("no stem convolution (stem.0.weight) in the checkpoint; it is not a ConvNeXt V2 encoder")
@@ -61,7 +75,7 @@ def infer_arch(sd: dict[str, torch.Tensor]) -> Arch:
     if not stages or stages != list(range(len(stages))):
         raise ValueError(f"the checkpoint's stages are not numbered 0..n-1 (found {stages})")
     depths = tuple(len(blocks[s]) for s in stages)
-    dims = tuple(int(sd[f"stages.{s}.blocks.0.conv_dw.weight"].shape[0]) for s in stages)
+    dims = tuple(_width(sd, s) for s in stages)
     name = next((n for n, (d, c, _) in SIZES.items() if d == depths and c == dims), None)
     if stem.shape[2] != stem.shape[3]:
         raise ValueError(f"the stem convolution stem.0.weight {tuple(stem.shape)} is not square; not a ConvNeXt V2 stem")

@@ -65,14 +65,24 @@ def read_hub_config(path: str | os.PathLike) -> tuple[dict[str, Any], str] | Non
 
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        if METADATA_KEY in meta:
-            return json.loads(meta[METADATA_KEY]), f"{path.name}'s metadata"
+        cfg = _hub_config(meta.get(METADATA_KEY))
+        if cfg is not None:
+            return cfg, f"{path.name}'s metadata"
     beside = path.parent / "config.json"
     if beside.is_file():
-        try:
-            cfg = json.loads(beside.read_text())
-        except ValueError:
-            return None
-        if isinstance(cfg, dict) and isinstance(cfg.get("pretrained_cfg"), dict) and "architecture" in cfg:
+        cfg = _hub_config(beside.read_text(errors="replace"))
+        if cfg is not None:
             return cfg, str(beside)
+    return None
+
+
+def _hub_config(text: str | None) -> dict[str, Any] | None:
+    """The timm config in `text` (JSON), or None when it holds none: not JSON, or no architecture and
+    pretrained_cfg."""
+    try:
+        cfg = json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+    if isinstance(cfg, dict) and isinstance(cfg.get("pretrained_cfg"), dict) and "architecture" in cfg:
+        return cfg
     return None

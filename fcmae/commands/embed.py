@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not os.path.isfile(args.checkpoint):
         raise ValueError(f"checkpoint {args.checkpoint!r} is not a file")
     raw = load_file(args.checkpoint)
-    encoder, weights = encoder_from_checkpoint(raw)
+    encoder, weights = encoder_from_checkpoint(raw, args.checkpoint)
     p = weights.arch.patch_size  # the encoder's total stride: 32, or 16 / 8 for a smaller stem
     if args.image_size < p or args.image_size % p:
         raise ValueError(f"--image-size {args.image_size} must be a positive multiple of {p}, the checkpoint's patch "

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     raw = load_file(args.ckpt)
     trained = inherit_data(checkpoint_data(raw), given.get("data") or {})
     cfg = config_from(KnnConfig, merge({"data": trained}, given), args.overrides)
-    encoder, weights = encoder_from_checkpoint(raw)
+    encoder, weights = encoder_from_checkpoint(raw, args.ckpt)
     splits = probe_splits(cfg.data, weights.arch.in_chans)  # fails on bad data before any forward
     check_neighbours(cfg.k, len(splits.train))
     device = pick_device(cfg.device, 0)

@@ -31,24 +31,29 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> None:
     from fcmae.data.decode import decode_image
     from fcmae.data.transforms import default_stats, eval_transform
-    from fcmae.engine.checkpoint import load_checkpoint
+    from convnextv2.checkpoint import load_file
     from fcmae.engine.config import check_writable_file
+    from fcmae.headers import FCMAE_FORMAT as FORMAT, MODEL_ARGS, check_model_state
     from fcmae.masking import random_mask
 
     out = Path(args.out)
     if out.suffix.lower() not in Image.registered_extensions():
         raise ValueError(f"--out {args.out}: name the picture with an image extension, e.g. {out.stem or 'grid'}.png")
     check_writable_file(args.out, "--out")
-    ckpt = load_checkpoint(args.checkpoint)
-    if ckpt.get("format") != "fcmae" or "model_args" not in ckpt:
-        what = "a fine-tuned classifier" if ckpt.get("format") == "fcmae-finetune" else "not an FCMAE checkpoint"
+    ckpt = load_file(args.checkpoint)
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if fmt != FORMAT or not isinstance(ckpt.get("model_args"), dict):
+        what = "a fine-tuned classifier" if fmt == "fcmae-finetune" else "not an FCMAE checkpoint"
         raise ValueError(f"{args.checkpoint!r} is {what}; visualize draws reconstructions, which need the FCMAE "
                          "decoder: give a pretraining checkpoint (a `fcmae pretrain` run's last.pt)")
-    margs = dict(ckpt["model_args"])
+    check_model_state(ckpt.get("model"), FORMAT, ckpt["model_args"], repr(args.checkpoint))  # before any use
+    margs = {k: v for k, v in ckpt["model_args"].items() if k in MODEL_ARGS[FORMAT]}
     if args.mask_ratio is not None:
         margs["mask_ratio"] = args.mask_ratio
-    data_cfg = ckpt.get("config", {}).get("data", {})
-    size = args.size or data_cfg.get("image_size", 224)
+    config = ckpt.get("config")
+    data_cfg = (config.get("data") if isinstance(config, dict) else None) or {}
+    trained = data_cfg.get("image_size")
+    size = args.size or (trained if isinstance(trained, int) and trained > 0 else 224)
     model = FCMAE(**margs)  # checkpoints from before model.patch_size have none: 32
     model.load_state_dict(ckpt["model"])
     if size % model.patch_size:

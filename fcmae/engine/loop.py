@@ -27,7 +27,8 @@ from fcmae.engine import checkpoint as ckpt_io
 from fcmae.engine.config import RunConfig
 from fcmae.engine.distributed import DistInfo, all_reduce_sum
 from fcmae.engine.metrics import MetricsLogger, format_eta, progress_bar
-from fcmae.engine.optim import build_adamw, cosine_lr, load_optimizer_state, scaled_lr, set_lr, skips_on_device
+from fcmae.engine.optim import (build_adamw, check_optimizer_state, cosine_lr, load_optimizer_state, scaled_lr, set_lr,
+                                skips_on_device)
 from fcmae.engine.resume import check_same_run, complete, complete_message, prepare_resume
 
 
@@ -228,7 +229,8 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
     data); None: read here. Returns a summary: final step/epoch, last epoch's mean loss, skipped images.
     """
     if resume is None:
-        resume = prepare_resume(cfg.output_dir, cfg.resume, task.checkpoint_header())
+        resume = prepare_resume(cfg.output_dir, cfg.resume, task.checkpoint_header(),
+                                {k: v.shape for k, v in task.model.state_dict().items()})
     else:  # the task now knows everything its header holds (e.g. the number of classes in the data)
         check_same_run(resume[1], task.checkpoint_header(), resume[0], explicit=bool(cfg.resume))
     run = _Run(cfg, task, info, on_loss)
@@ -270,6 +272,10 @@ class _Run:
 
     def restore(self, path: str, state: dict[str, Any]) -> dict[str, Any] | None:
         """Load a checkpoint's weights, optimizer, counters and RNG. -> the summary when it finished the run already."""
+        # the tensors were checked when the checkpoint was read (resume.prepare_resume); the moments' shapes need
+        # this run's optimizer
+        names = {id(p): n for n, p in self.task.model.named_parameters()}
+        check_optimizer_state(self.optimizer, state["optimizer"], path, names)
         self.task.model.load_state_dict(state["model"])
         load_optimizer_state(self.optimizer, state["optimizer"])
         if state.get("scaler"):

@@ -11,6 +11,7 @@ import os
 import socket
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from fcmae.engine import checkpoint as ckpt_io
@@ -45,6 +46,58 @@ def read_training_checkpoint(path: str, explicit: bool) -> dict[str, Any]:
     return state
 
 
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def damage(state: dict[str, Any]) -> str | None:
+    """What in a training checkpoint's entries is not what a run writes (None: nothing): the counters, the header,
+    the optimizer's structure, the RNG state, the epoch sums. (The tensors: `check_training_tensors`.)"""
+    bad = [k for k in ("epoch", "step", "epoch_step") if k in state and not _count(state[k])]
+    if bad:
+        return f"{bad[0]} is {state[bad[0]]!r}, not a count"
+    for key, kind in (("model_args", dict), ("format", str), ("epoch_sums", dict), ("best", dict), ("rng", dict),
+                      ("ema", dict)):
+        if state.get(key) is not None and not isinstance(state[key], kind):
+            return f"its {key!r} is a {type(state[key]).__name__}, not a {kind.__name__}"
+    opt = state["optimizer"]
+    if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
+            and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"])):
+        return "its optimizer state is not an optimizer's state_dict (state, param_groups)"
+    sums = state.get("epoch_sums")
+    if sums and not (isinstance(sums.get("loss"), (int, float)) and _count(sums.get("skipped"))
+                     and _count(sums.get("steps"))):
+        return f"its epoch_sums {sums!r} are not (loss, skipped, steps)"
+    rng = (state.get("rng") or {}).get("torch")
+    if rng is not None and not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8
+                                and rng.shape == torch.get_rng_state().shape):
+        return "its RNG state (rng.torch) is not a torch generator's state"
+    return None
+
+
+def check_training_tensors(state: dict[str, Any], header: dict[str, Any], where: str,
+                           shapes: dict[str, torch.Size] | None = None, fix: str = "resume from an earlier checkpoint"
+                           ) -> None:
+    """CheckpointError (one line) unless the checkpoint's model and EMA are exactly the model this run builds
+    (`shapes`, or for this project's formats the model `header`'s model_args build, the checkpoint's own filling
+    what the config leaves open) in finite floating-point values, their header says what the tensors hold, and
+    every optimizer moment is a finite float. Nothing is loaded yet."""
+    from convnextv2.checkpoint.validate import check_values
+    from fcmae.headers import MODEL_ARGS, check_model_state
+
+    fmt, own = header.get("format"), state.get("model_args")
+    if shapes is None and fmt not in MODEL_ARGS:
+        raise ValueError(f"cannot check {where}: a run of format {fmt!r} must give its model's shapes")
+    run_args = {**{k: v for k, v in (header.get("model_args") or {}).items() if v is not None}, **(own or {})}
+    for what in ("model", "ema"):
+        if what == "model" or what in state:
+            check_model_state(state[what], fmt, own, where, run_args, what, shapes, fix)
+    for index, moments in state["optimizer"]["state"].items():
+        if isinstance(moments, dict):
+            check_values({k: v for k, v in moments.items() if isinstance(v, torch.Tensor)},
+                         f"{where} (optimizer state of parameter {index})")
+
+
 def check_same_run(state: dict[str, Any], header: dict[str, Any], path: str, explicit: bool) -> None:
     """ValueError (one line: what differs, what to do) unless `state` was written by a run of the same kind and model
     as `header` (the header this run writes; a None value in header['model_args'] is not known yet: not compared)."""
@@ -56,7 +109,8 @@ def check_same_run(state: dict[str, Any], header: dict[str, Any], path: str, exp
         if want == "fcmae-finetune" and have == "fcmae":
             fix += f" and start from the pretrained weights with model.init={path}"
         raise ValueError(f"{where} holds {what} run, but this is {KINDS.get(want, want)}: {fix}")
-    found, wanted = state.get("model_args") or {}, header.get("model_args") or {}
+    found, wanted = state.get("model_args"), header.get("model_args") or {}
+    found = found if isinstance(found, dict) else {}  # not a mapping: `damage` says so
     diffs = [f"{CONFIG_KEYS.get(k, 'model.' + k)}: {found[k]!r} in the existing run, {v!r} now"
              for k, v in wanted.items() if v is not None and k in found and found[k] != v]
     if diffs:
@@ -65,13 +119,23 @@ def check_same_run(state: dict[str, Any], header: dict[str, Any], path: str, exp
         raise ValueError(f"{where} holds a run of another model ({'; '.join(diffs)}): {fix}")
 
 
-def prepare_resume(output_dir: str, resume: str | None, header: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """The checkpoint to resume from, loaded and checked against `header`, as (path, state); None for a fresh run."""
+def prepare_resume(output_dir: str, resume: str | None, header: dict[str, Any],
+                   shapes: dict[str, torch.Size] | None = None) -> tuple[str, dict[str, Any]] | None:
+    """The checkpoint to resume from, loaded and checked against `header` (the same kind of run and model) and
+    its tensors checked (`check_training_tensors`; shapes: the live model's, when there is one), as (path, state);
+    None for a fresh run."""
     path = ckpt_io.resume_path(output_dir, resume)
     if path is None:
         return None
     state = read_training_checkpoint(path, explicit=bool(resume))
     check_same_run(state, header, path, explicit=bool(resume))
+    where = _where(path, bool(resume))
+    fix = ("resume from an earlier checkpoint" if resume else
+           "move it away to start afresh, or resume from an earlier checkpoint with resume=PATH")
+    problem = damage(state)
+    if problem is not None:
+        raise ValueError(f"{where} is a damaged training checkpoint: {problem}; {fix}")
+    check_training_tensors(state, header, where, shapes, fix)
     return path, state
 
 
