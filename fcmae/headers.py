@@ -9,6 +9,7 @@ model.init of pretrain and finetune (`read_model_init`: any format, through `rea
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Any
 
 import torch
@@ -19,7 +20,8 @@ from fcmae.export import FINETUNE_FORMAT
 
 FCMAE_FORMAT = "fcmae"
 MODEL_ARGS = {  # the header's model_args each format's model is built from (others are ignored)
-    FCMAE_FORMAT: ("encoder_name", "in_chans", "mask_ratio", "decoder_dim", "decoder_depth", "norm_pix_loss", "patch_size"),
+    FCMAE_FORMAT: ("encoder_name", "in_chans", "mask_ratio", "decoder_dim", "decoder_depth", "norm_pix_loss",
+                   "patch_size"),
     FINETUNE_FORMAT: ("name", "num_classes", "in_chans", "patch_size"),
 }
 
@@ -65,11 +67,13 @@ def _state_dict_problem(sd: Any) -> str | None:
 
 
 def _decoder_claims(model_args: dict[str, Any], sd: dict[str, torch.Tensor]) -> list[str]:
-    """What the header says of the FCMAE decoder that its tensors do not hold."""
-    proj = sd.get("decoder.proj.weight")
-    have = {"decoder_dim": int(proj.shape[0]) if proj is not None and proj.ndim else None,
+    """What the header says of the FCMAE decoder that its tensors do not hold. The width is the one most of its
+    per-channel tensors have (one wrong tensor is left to the shape check to name)."""
+    pattern = re.compile(r"decoder\.(proj\.(weight|bias)|blocks\.\d+\.(conv_dw|norm)\.(weight|bias))")
+    widths = Counter(int(v.shape[0]) for k, v in sd.items() if pattern.fullmatch(k) and v.ndim > 0)
+    have = {"decoder_dim": widths.most_common(1)[0][0] if widths else None,
             "decoder_depth": len({m[1] for k in sd if (m := re.match(r"decoder\.blocks\.(\d+)\.", k))})}
-    return [f"{k} {model_args[k]!r} (its tensors: {have[k]})" for k in have
+    return [f"{k} {model_args[k]!r} where its decoder holds {have[k]}" for k in have
             if k in model_args and have[k] is not None and str(model_args[k]) != str(have[k])]
 
 
@@ -89,7 +93,7 @@ def check_header_against_tensors(fmt: str, model_args: dict[str, Any], sd: dict[
     check_header(claims, arch, where, "header (model_args)", int(fc.shape[0]) if fc is not None and fc.ndim else 0)
     differs = _decoder_claims(model_args, sd) if fmt == FCMAE_FORMAT else []
     if differs:
-        raise CheckpointError(f"{where}: its header (model_args) says {', '.join(differs)}: the header and the "
+        raise CheckpointError(f"{where}: its header (model_args) says {'; '.join(differs)}: the header and the "
                               "weights disagree (an edited or mixed-up file); save the weights with the header of "
                               "the model they are")
 

@@ -83,3 +83,30 @@ def infer_arch(sd: dict[str, torch.Tensor]) -> Arch:
         raise ValueError(f"the checkpoint has a stage-0 downsample after a {stem.shape[2]}x{stem.shape[2]} stem (timm's "
                          "own patch_size=2 layout, total stride 32); ConvNeXt V2 here has none (a 2x2 stem = stride 16)")
     return Arch(depths, dims, int(stem.shape[1]), int(stem.shape[2]), name)
+
+
+def encoder_shapes(arch: Arch, num_classes: int = 0, conv_mlp: bool | None = None) -> dict[str, torch.Size]:
+    """Every parameter shape of timm's ConvNeXt V2 in `arch`'s layout, in timm's key order: stem, stages (stage-s
+    downsample for s >= 1, blocks), head.norm, and head.fc when num_classes > 0. conv_mlp: 1x1-conv mlp.fc weights
+    (out, in, 1, 1) rather than Linear (out, in); None: the named size's own (atto..nano conv, tiny.. Linear).
+    Written out rather than read off a model built on the meta device (a quarter of a second per build, for every file
+    read); tests/test_checkpoint_fuzz.py checks it equals timm's own models."""
+    if conv_mlp is None:
+        conv_mlp = SIZES[arch.name][2] if arch.name is not None else True
+    d, k = arch.dims, arch.stem_stride
+    shapes: dict[str, tuple[int, ...]] = {"stem.0.weight": (d[0], arch.in_chans, k, k), "stem.0.bias": (d[0],),
+                                          "stem.1.weight": (d[0],), "stem.1.bias": (d[0],)}
+    for s, (depth, c) in enumerate(zip(arch.depths, d)):
+        if s > 0:
+            down = {"0.weight": (d[s - 1],), "0.bias": (d[s - 1],), "1.weight": (c, d[s - 1], 2, 2), "1.bias": (c,)}
+            shapes.update({f"stages.{s}.downsample.{name}": shape for name, shape in down.items()})
+        pointwise = (1, 1) if conv_mlp else ()
+        for b in range(depth):
+            block = {"conv_dw.weight": (c, 1, 7, 7), "conv_dw.bias": (c,), "norm.weight": (c,), "norm.bias": (c,),
+                     "mlp.fc1.weight": (4 * c, c, *pointwise), "mlp.fc1.bias": (4 * c,), "mlp.grn.weight": (4 * c,),
+                     "mlp.grn.bias": (4 * c,), "mlp.fc2.weight": (c, 4 * c, *pointwise), "mlp.fc2.bias": (c,)}
+            shapes.update({f"stages.{s}.blocks.{b}.{name}": shape for name, shape in block.items()})
+    shapes.update({"head.norm.weight": (d[-1],), "head.norm.bias": (d[-1],)})
+    if num_classes > 0:
+        shapes.update({"head.fc.weight": (num_classes, d[-1]), "head.fc.bias": (num_classes,)})
+    return {key: torch.Size(shape) for key, shape in shapes.items()}

@@ -15,7 +15,7 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from convnextv2.checkpoint.arch import Arch, arch_by_name, infer_arch
+from convnextv2.checkpoint.arch import Arch, arch_by_name, encoder_shapes, infer_arch
 from convnextv2.checkpoint.detect import FORMATS, Source, detect
 from convnextv2.checkpoint.hf import hf_config, hf_to_timm, timm_to_hf
 from convnextv2.checkpoint.hub import metadata
@@ -26,7 +26,6 @@ from convnextv2.checkpoint.validate import (
     REEXPORT, check_header, check_state_dict, header_claims, layout_fits,
 )
 from convnextv2.encoder import create_convnextv2
-from convnextv2.timm_names import without_stage0_downsample
 
 HEAD_INIT_SCALE = 0.001  # the fine-tune recipes' head init scale (SPEC §3), timm's `head_init_scale`
 HEAD_KEYS = ("head.norm.weight", "head.norm.bias", "head.fc.weight", "head.fc.bias")
@@ -139,7 +138,7 @@ def check_encoder(sd: dict[str, torch.Tensor], arch: Arch, where: str, model_arg
         if header != "fcmae" and model_args.get("num_classes") is not None:
             claims["num_classes"] = model_args["num_classes"]
         check_header(claims, arch, where, "header (model_args)", num_classes)
-    shapes = arch_shapes(arch, num_classes, conv_mlp=any(v.ndim == 4 for k, v in sd.items() if k.endswith(".fc1.weight")))
+    shapes = encoder_shapes(arch, num_classes)
     check_state_dict(sd, shapes, where, arch.name or "the layout its stem and blocks imply",
                      may_lack=lambda k: k.startswith("head."))
 
@@ -153,18 +152,6 @@ def timm_shapes(name: str, num_classes: int, in_chans: int = 3, patch_size: int 
     device: no memory, no init cost, nothing downloaded."""
     with torch.device("meta"):
         model = create_convnextv2(name, patch_size, num_classes=num_classes, in_chans=in_chans)
-    return {k: v.shape for k, v in model.state_dict().items()}
-
-
-def arch_shapes(arch: Arch, num_classes: int, conv_mlp: bool = True) -> dict[str, torch.Size]:
-    """Parameter shapes of the layout `arch` describes with `num_classes` outputs: timm's model when it has a name
-    (`timm_shapes`), else timm's ConvNeXt with its depths and dims (conv_mlp: 1x1-conv MLP weights, as the file's)."""
-    if arch.name is not None:
-        return timm_shapes(arch.name, num_classes, arch.in_chans, arch.patch_size)
-    with torch.device("meta"):
-        model = without_stage0_downsample(depths=arch.depths, dims=arch.dims, in_chans=arch.in_chans,
-                                          num_classes=num_classes, conv_mlp=conv_mlp, use_grn=True,
-                                          ls_init_value=None, patch_size=arch.stem_stride)
     return {k: v.shape for k, v in model.state_dict().items()}
 
 

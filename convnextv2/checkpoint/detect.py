@@ -74,8 +74,9 @@ def detect(obj: Any, where: str = "checkpoint") -> Source:
     if obj.get("format") == "fcmae":
         sd = obj.get("model")
         if not _is_state_dict(sd):
-            raise CheckpointError(f"{where} says format 'fcmae' but its 'model' state_dict {_why_not_state_dict(sd)}; "
-                                  "give an FCMAE checkpoint as `fcmae pretrain` or `fcmae convert --to fcmae` writes it")
+            raise CheckpointError(
+                f"{where} says format 'fcmae' but its 'model' state_dict {_why_not_state_dict(sd)}; give an FCMAE "
+                "checkpoint as `fcmae pretrain` or `fcmae convert --to fcmae` writes it")
         enc = _strip(sd, "encoder.")
         # The FCMAE encoder's head.norm is frozen and never trained: a fine-tune starts it fresh.
         enc = {k: v for k, v in enc.items() if not k.startswith("head.")}
