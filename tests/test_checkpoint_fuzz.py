@@ -35,6 +35,8 @@ from convnextv2.checkpoint.reference import reference_to_timm
 from convnextv2.encoder import create_convnextv2
 from convnextv2.timm_names import without_stage0_downsample
 
+pytestmark = pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")  # the fault is the point
+
 WHERE = "fuzz.pt"
 AUDITED = "stages.0.blocks.0.mlp.fc1.weight"  # the audit's transposed weight
 CUSTOM = Arch((1, 1, 2, 1), (8, 16, 32, 64), 2, 4, None)  # Linear MLP, 2 input channels, no timm name
@@ -67,7 +69,10 @@ SHAPE_FAULTS: dict[str, Callable[[torch.Tensor], torch.Tensor | None]] = {
 }
 VALUE_FAULTS: dict[str, Callable[[torch.Tensor], torch.Tensor | None]] = {
     "int8": lambda t: (t * 100).to(torch.int8), "int64": lambda t: t.to(torch.int64), "bool": lambda t: t > 0,
-    "complex": lambda t: t.to(torch.complex64), "nan": _at_middle(float("nan")), "inf": _at_middle(float("inf")),
+    "complex": lambda t: t.to(torch.complex64), "float8": lambda t: t.to(torch.float8_e4m3fn),
+    "quantized": lambda t: torch.quantize_per_tensor(t, 0.1, 0, torch.qint8), "sparse": lambda t: t.to_sparse(),
+    "meta": lambda t: torch.empty(t.shape, device="meta"), "not_a_tensor": lambda t: "weights",
+    "nan": _at_middle(float("nan")), "inf": _at_middle(float("inf")),
     "all_nan": lambda t: torch.full_like(t, float("nan")),
 }
 FAULTS = {**SHAPE_FAULTS, **VALUE_FAULTS, "missing": None, "extra": None}
@@ -294,9 +299,10 @@ def test_fcmae_faults_are_refused_by_visualize_resume_and_model_init(name, fcmae
             names = {key} | {k for k in bad if k not in sd}
             readers = {"visualize": lambda: check_model_state(bad, "fcmae", args, WHERE, shapes=shapes),
                        "resume ema": lambda: check_model_state(bad, "fcmae", args, WHERE, what="ema", shapes=shapes)}
-            if part == "decoder.":
-                readers["model.init decoder"] = lambda: init_decoder(
-                    {"format": "fcmae", "model": bad, "model_args": args}, target, WHERE)
+            if part == "decoder.":  # as load_init reads it: the encoder (read_encoder), then the decoder
+                file = {"format": "fcmae", "model": bad, "model_args": args}
+                readers["model.init decoder"] = lambda: (read_encoder(file, where=WHERE),
+                                                         init_decoder(file, target, WHERE))
             for reader, read in readers.items():
                 try:
                     read()
@@ -463,6 +469,13 @@ def cli_cases(tmp_path_factory) -> tuple[Path, list[tuple[list[str], list[str], 
                                                                            "decoder_dim": 32}),
                                                  "model": inject(fcmae.state_dict(), "decoder.pred.bias", "missing")}),
         "code": save("code.pt", {"model": atto, "loss": torch.nn.CrossEntropyLoss()}),
+        "int_key": save("int_key.pt", {**atto, 0: torch.zeros(1)}),
+        "sparse": save("sparse.pt", {"model": inject(atto, AUDITED, "sparse")}),
+        "config_str": save("config_str.pt", {**fcmae_checkpoint(fcmae, {"encoder_name": "convnextv2_atto",
+                                                                        "decoder_dim": 32}), "config": "data"}),
+        "bad_mean": save("bad_mean.pt", {"format": FINETUNE_FORMAT, "version": 1, "model": atto,
+                                         "model_args": {"name": "convnextv2_atto", "num_classes": 0},
+                                         "config": {"data": {"mean": ["a", "b", "c"]}}}),
     }
     meta = {"model": "convnextv2_femto", "in_chans": "3", "patch_size": "32"}
     save_state_dict(atto, root / "metadata.safetensors", meta)
@@ -490,6 +503,14 @@ def cli_cases(tmp_path_factory) -> tuple[Path, list[tuple[list[str], list[str], 
          ["complex.pt", "stem.0.weight is complex64"], [out]),
         (["visualize", files["no_pred_bias"], image, "--out", str(out / "g.png")],
          ["no_pred_bias.pt", "lacks 1 key(s)", "decoder.pred.bias"], [out]),
+        (["convert", files["int_key"], str(out / "k.safetensors")], ["int_key.pt", "has a key 0 that is not a name"],
+         [out]),
+        (["knn", files["sparse"], "data.format=digits"], ["sparse.pt", AUDITED, "is a sparse_coo tensor"], []),
+        (["visualize", files["config_str"], image, "--out", str(out / "g.png")],
+         ["config_str.pt", "its config is a str, not a mapping"], [out]),
+        (["embed", str(root / "images"), "--checkpoint", files["bad_mean"], "--out", str(out / "e.npy")],
+         ["bad_mean.pt", "data.mean is ['a', 'b', 'c']"], [out]),
+        (["convert", files["bad_mean"], str(out / "b.safetensors")], ["bad_mean.pt", "data.mean"], [out]),
         (["demo", "--quick", "--out", str(root / "demo")],
          ["decoder.proj.weight has shape (320, 128, 1, 1)", "(it is transposed)"],
          [root / "demo" / "pretrain" / "config.yaml", root / "demo" / "finetune-fcmae"]),
@@ -520,6 +541,7 @@ def test_every_command_refuses_a_bad_checkpoint_in_one_line(cli_cases):
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(results) == len(cases) > 20
     for (argv, words, absent), (code, err) in zip(cases, results):
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and "Traceback" not in err, (argv, err)

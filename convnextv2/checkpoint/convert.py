@@ -23,7 +23,7 @@ from convnextv2.checkpoint.io import CheckpointError, atomic_write, load_file, s
 from convnextv2.checkpoint.minkowski import minkowski_to_timm
 from convnextv2.checkpoint.reference import reference_to_timm
 from convnextv2.checkpoint.validate import (
-    REEXPORT, check_header, check_state_dict, header_claims, layout_fits,
+    REEXPORT, check_header, check_keys_and_shapes, check_values, header_claims, layout_fits,
 )
 from convnextv2.encoder import create_convnextv2
 
@@ -81,9 +81,9 @@ def _to_timm_keys(src: Source) -> tuple[dict[str, torch.Tensor], list[str]]:
 
 def read_encoder(src: str | os.PathLike | dict | Source, model: str | None = None,
                  where: str | None = None) -> EncoderWeights:
-    """Load (safely), detect the format, convert to timm keys, infer the size and check every tensor
-    (`check_encoder`): the encoder is complete, every shape is the size's, every value a finite float, the header (if
-    any) says what the tensors hold.
+    """Load (safely), detect the format, check every value is a finite float, convert to timm keys, infer the size and
+    check the rest (`check_encoder`): the encoder is complete, every shape is the size's, the header (if any) says
+    what the tensors hold.
 
     model: a timm name (`convnextv2_atto`); if given, the file must hold that size, else a ValueError names the size
     the file implies and the offending keys. where: how errors name the file (default: the path, the Source's).
@@ -96,6 +96,7 @@ def read_encoder(src: str | os.PathLike | dict | Source, model: str | None = Non
     else:
         where = where or "checkpoint"
         source = detect(src, where)
+    check_values(source.state_dict, where)  # in the file's own layout: the conversions reshape dense floats only
     try:
         sd, unknown = _to_timm_keys(source)
     except ValueError as e:  # a layout conversion met a tensor not in its layout
@@ -129,8 +130,8 @@ def read_encoder(src: str | os.PathLike | dict | Source, model: str | None = Non
 def check_encoder(sd: dict[str, torch.Tensor], arch: Arch, where: str, model_args: dict[str, Any] | None = None,
                   header: str | None = None) -> None:
     """CheckpointError (one line: the file, the first bad key, the fix) unless `sd` (timm keys) is exactly `arch`'s
-    encoder, plus head.norm / head.fc when it has them, in finite floating-point values, and its header
-    (`model_args` of a checkpoint whose `format` is `header`) says what the tensors hold."""
+    encoder, plus head.norm / head.fc when it has them, and its header (`model_args` of a checkpoint whose `format`
+    is `header`) says what the tensors hold. (The values: `check_values`, before the layout conversions.)"""
     fc = sd.get("head.fc.weight")
     num_classes = int(fc.shape[0]) if fc is not None and fc.ndim > 0 else 0
     if model_args is not None:
@@ -139,8 +140,8 @@ def check_encoder(sd: dict[str, torch.Tensor], arch: Arch, where: str, model_arg
             claims["num_classes"] = model_args["num_classes"]
         check_header(claims, arch, where, "header (model_args)", num_classes)
     shapes = encoder_shapes(arch, num_classes)
-    check_state_dict(sd, shapes, where, arch.name or "the layout its stem and blocks imply",
-                     may_lack=lambda k: k.startswith("head."))
+    check_keys_and_shapes(sd, shapes, where, arch.name or "the layout its stem and blocks imply",
+                          may_lack=lambda k: k.startswith("head."))
 
 
 def encoder_part(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -33,7 +33,8 @@ class Source:
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return isinstance(obj, dict) and len(obj) > 0 and all(isinstance(v, torch.Tensor) for v in obj.values())
+    return isinstance(obj, dict) and len(obj) > 0 and all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
 def _why_not_state_dict(obj: Any) -> str:
@@ -44,7 +45,9 @@ def _why_not_state_dict(obj: Any) -> str:
         return f"is a {type(obj).__name__}"
     if not obj:
         return "is empty"
-    key = next(k for k, v in obj.items() if not isinstance(v, torch.Tensor))
+    key = next(k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor))
+    if not isinstance(key, str):
+        return f"has a key {key!r} that is not a name"
     return f"holds a {type(obj[key]).__name__} under {key!r}, not a tensor"
 
 
@@ -61,7 +64,7 @@ def _strip(sd: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
 
 
 def _sample(keys, n: int = 5) -> str:
-    keys = list(keys)
+    keys = [str(k) for k in keys]
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} keys)" if len(keys) > n else "")
 
 
@@ -88,6 +91,12 @@ def detect(obj: Any, where: str = "checkpoint") -> Source:
         sd = obj
     else:
         key = next((k for k in CONTAINER_KEYS if _is_state_dict(obj.get(k))), None)
+        name = next((k for k in CONTAINER_KEYS if isinstance(obj.get(k), dict) and obj[k]), None)
+        tensors = sum(isinstance(v, torch.Tensor) for v in obj.values())
+        if key is None and (name is not None or 2 * tensors >= len(obj)):  # a state_dict but for one entry: name it
+            what = f"its {name!r} state_dict" if name is not None else "its state_dict"
+            raise CheckpointError(f"{where}: {what} {_why_not_state_dict(obj[name] if name else obj)}; save the "
+                                  "model's state_dict() (a dict of tensors)")
         if key is None:
             raise CheckpointError(
                 f"{where} has no state_dict: top-level keys are [{_sample(obj.keys())}]; expected tensors or a dict "

@@ -13,6 +13,7 @@ import pickle
 import re
 import struct
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
@@ -84,7 +85,10 @@ def load_file(path: str | os.PathLike) -> Any:
             f"checkpoint {path} is truncated or corrupt (its zip directory is missing); re-download or re-save it"
         )
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        # torch's notes on what it meets (sparse invariants, legacy storages) are not the user's business: the
+        # readers check every tensor and say in one line what is wrong
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))

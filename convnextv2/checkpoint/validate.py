@@ -55,6 +55,10 @@ def value_problem(value: Any) -> str | None:
     """What makes `value` unusable as a weight ('is int8 (integers), not float32 ...', 'holds 3 NaN ...'), or None."""
     if not isinstance(value, torch.Tensor):
         return f"is a {type(value).__name__}, not a tensor"
+    if value.layout != torch.strided or value.is_quantized or value.device.type == "meta":
+        what = ("a quantized tensor" if value.is_quantized else "a meta tensor (saved without its values)"
+                if value.device.type == "meta" else f"a {str(value.layout).replace('torch.', '')} tensor")
+        return f"is {what}, not a dense float tensor: {REEXPORT} as plain weights"
     if value.dtype not in FLOAT_DTYPES:
         kind = ("booleans" if value.dtype == torch.bool else "complex numbers" if value.is_complex()
                 else "integers" if not value.is_floating_point() else "a low-precision float")

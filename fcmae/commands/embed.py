@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from fcmae.data.labeled import eval_transform
     from fcmae.data.transforms import default_stats
     from fcmae.engine.distributed import pick_device
+    from fcmae.export import trained_data
     from fcmae.finetune import encoder_from_checkpoint
 
     # every check before the model runs: output, options, folder, images, checkpoint
@@ -63,7 +64,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                          f"size (e.g. {max(p, args.image_size // p * p)})")
     device = pick_device(args.device, 0)
     in_chans = weights.arch.in_chans
-    run_data = ((raw.get("config") or {}).get("data") or {}) if isinstance(raw, dict) else {}
+    run_data = trained_data(raw, args.checkpoint, in_chans)
     d_mean, d_std = default_stats(in_chans)
     mean = run_data.get("mean") or d_mean
     std = run_data.get("std") or d_std

@@ -10,6 +10,7 @@ import os
 
 from fcmae.config import add_config_arguments, config_from, merge, user_config
 from fcmae.evaluate import DATA_KEYS, EvalConfig, evaluate, exported_preprocessing, format_report, load_classifier
+from fcmae.export import trained_data
 from fcmae.finetune_config import inherit_data
 
 
@@ -30,7 +31,7 @@ def run(args: argparse.Namespace) -> None:
     if not os.path.isfile(args.ckpt):
         raise ValueError(f"checkpoint {args.ckpt!r} is not a file")
     model, meta = load_classifier(args.ckpt, ema=False)
-    trained = {k: v for k, v in ((meta.get("config") or {}).get("data") or {}).items() if k in DATA_KEYS}
+    trained = {k: v for k, v in trained_data(meta, args.ckpt).items() if k in DATA_KEYS}
     if not meta:  # an exported file: the preprocessing and class names it carries (metadata or config.json)
         trained, meta, said = exported_preprocessing(args.ckpt, model)
         print(f"fcmae eval: {said}", flush=True)

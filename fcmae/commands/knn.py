@@ -40,11 +40,12 @@ def checkpoint_data(raw: Any) -> dict[str, Any]:
     if not isinstance(config, dict):
         return {}
     if raw.get("format") == "fcmae":
-        monitor = config.get("monitor") or {}
+        monitor = config.get("monitor") if isinstance(config.get("monitor"), dict) else {}
         data = monitor.get("data") if monitor.get("every_epochs") else None
     else:
         data = config.get("data")
-    return {k: v for k, v in (data or {}).items() if k in DATA_KEYS}
+    # the values are checked as the command's own data.* keys are
+    return {k: v for k, v in (data if isinstance(data, dict) else {}).items() if k in DATA_KEYS}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -29,10 +29,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from convnextv2.checkpoint import load_file
     from fcmae.data.decode import decode_image
     from fcmae.data.transforms import default_stats, eval_transform
-    from convnextv2.checkpoint import load_file
     from fcmae.engine.config import check_writable_file
+    from fcmae.export import trained_data
     from fcmae.headers import FCMAE_FORMAT as FORMAT, MODEL_ARGS, check_model_state
     from fcmae.masking import random_mask
 
@@ -50,8 +51,7 @@ def run(args: argparse.Namespace) -> None:
     margs = {k: v for k, v in ckpt["model_args"].items() if k in MODEL_ARGS[FORMAT]}
     if args.mask_ratio is not None:
         margs["mask_ratio"] = args.mask_ratio
-    config = ckpt.get("config")
-    data_cfg = (config.get("data") if isinstance(config, dict) else None) or {}
+    data_cfg = trained_data(ckpt, repr(args.checkpoint), margs.get("in_chans", 3))
     trained = data_cfg.get("image_size")
     size = args.size or (trained if isinstance(trained, int) and trained > 0 else 224)
     model = FCMAE(**margs)  # checkpoints from before model.patch_size have none: 32
