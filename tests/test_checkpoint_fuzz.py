@@ -380,7 +380,9 @@ def test_training_checkpoint_faults_are_refused_before_anything_is_restored(fcma
                                 ("rng", {"torch": torch.zeros(3, dtype=torch.uint8)}, "RNG state"),
                                 ("optimizer", {"state": []}, "not an optimizer's state_dict"),
                                 ("model_args", ["atto"], "'model_args' is a list"),
-                                ("epoch_sums", {"loss": 1.0}, "epoch_sums")):
+                                ("epoch_sums", {"loss": 1.0}, "epoch_sums"),
+                                ("best", {"top1": "high"}, "best.top1 is 'high'"),
+                                ("scaler", {"scale": float("nan")}, "scaler.scale is nan")):
         assert words in damage({**state, entry: value})
     key = drawn_key(state["model"], "resume-model", "nan")
     for what in ("model", "ema"):

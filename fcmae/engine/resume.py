@@ -7,6 +7,7 @@ decoder, run kind) must agree; everything else (epochs, logging, lr) may change 
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 from typing import Any
@@ -50,6 +51,10 @@ def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def damage(state: dict[str, Any]) -> str | None:
     """What in a training checkpoint's entries is not what a run writes (None: nothing): the counters, the header,
     the optimizer's structure, the RNG state, the epoch sums. (The tensors: `check_training_tensors`.)"""
@@ -57,21 +62,28 @@ def damage(state: dict[str, Any]) -> str | None:
     if bad:
         return f"{bad[0]} is {state[bad[0]]!r}, not a count"
     for key, kind in (("model_args", dict), ("format", str), ("epoch_sums", dict), ("best", dict), ("rng", dict),
-                      ("ema", dict)):
+                      ("ema", dict), ("scaler", dict)):
         if state.get(key) is not None and not isinstance(state[key], kind):
             return f"its {key!r} is a {type(state[key]).__name__}, not a {kind.__name__}"
+    numbers = {f"best.{k}": v for k, v in (state.get("best") or {}).items()}
+    numbers.update({f"scaler.{k}": v for k, v in (state.get("scaler") or {}).items()})
+    bad = next((k for k, v in numbers.items() if not _finite_number(v)), None)
+    if bad is not None:
+        return f"{bad} is {numbers[bad]!r}, not a finite number"
     opt = state["optimizer"]
     if not (isinstance(opt, dict) and isinstance(opt.get("state"), dict) and isinstance(opt.get("param_groups"), list)
             and all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"])):
         return "its optimizer state is not an optimizer's state_dict (state, param_groups)"
     sums = state.get("epoch_sums")
-    if sums and not (isinstance(sums.get("loss"), (int, float)) and _count(sums.get("skipped"))
-                     and _count(sums.get("steps"))):
+    if sums and not (_finite_number(sums.get("loss")) and _count(sums.get("skipped")) and _count(sums.get("steps"))):
         return f"its epoch_sums {sums!r} are not (loss, skipped, steps)"
-    rng = (state.get("rng") or {}).get("torch")
-    if rng is not None and not (isinstance(rng, torch.Tensor) and rng.dtype == torch.uint8
-                                and rng.shape == torch.get_rng_state().shape):
+    rng = state.get("rng") or {}
+    generator = rng.get("torch")
+    if generator is not None and not (isinstance(generator, torch.Tensor) and generator.dtype == torch.uint8
+                                      and generator.shape == torch.get_rng_state().shape):
         return "its RNG state (rng.torch) is not a torch generator's state"
+    if rng.get("cuda") is not None and not (isinstance(rng["cuda"], torch.Tensor) and rng["cuda"].dtype == torch.uint8):
+        return "its RNG state (rng.cuda) is not a CUDA generator's state"
     return None
 
 
