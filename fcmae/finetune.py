@@ -267,12 +267,14 @@ class FinetuneTask:
         return out
 
 
-def finetune(cfg: FinetuneConfig, on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> dict:
+def finetune(cfg: FinetuneConfig, on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+             afresh: str | None = None) -> dict:
     """Run (or resume) a fine-tuning; joins/leaves the process group when WORLD_SIZE > 1. Returns the summary
-    (last epoch's loss, top1/top5/ema_top1/ema_top5, best_top1/best_ema_top1, exported files)."""
+    (last epoch's loss, top1/top5/ema_top1/ema_top5, best_top1/best_ema_top1, exported files). afresh: how the
+    calling command starts afresh when output_dir's last.pt cannot be resumed (its own options)."""
     header = {"format": FORMAT, "model_args": {"name": cfg.model.name, "num_classes": cfg.model.num_classes,
                                                "in_chans": cfg.model.in_chans, "patch_size": cfg.model.patch_size}}
-    resume = prepare_resume(cfg.output_dir, cfg.resume, header)  # before data, files and devices
+    resume = prepare_resume(cfg.output_dir, cfg.resume, header, afresh=afresh)  # before data, files and devices
     info = init_distributed(cfg.device)
     try:
         check_same_resume_everywhere(resume, info)  # before data: every node must see the same checkpoint

@@ -182,9 +182,11 @@ class PretrainTask:
         save_grid(self.model, imgs, mask, self.data.mean, self.data.std, path)
 
 
-def pretrain(cfg: PretrainConfig, on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> dict:
-    """Run (or resume) a pretraining; joins/leaves the process group when WORLD_SIZE > 1. Returns the summary."""
-    resume = prepare_resume(cfg.output_dir, cfg.resume, checkpoint_header(cfg))  # before data, files and devices
+def pretrain(cfg: PretrainConfig, on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+             afresh: str | None = None) -> dict:
+    """Run (or resume) a pretraining; joins/leaves the process group when WORLD_SIZE > 1. Returns the summary.
+    afresh: how the calling command starts afresh when output_dir's last.pt cannot be resumed (its own options)."""
+    resume = prepare_resume(cfg.output_dir, cfg.resume, checkpoint_header(cfg), afresh=afresh)  # before data
     info = init_distributed(cfg.device)
     try:
         check_same_resume_everywhere(resume, info)  # before data: every node must see the same checkpoint

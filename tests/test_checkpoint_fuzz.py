@@ -483,6 +483,13 @@ def cli_cases(tmp_path_factory) -> tuple[Path, list[tuple[list[str], list[str], 
     save_state_dict(atto, root / "metadata.safetensors", meta)
     demo_training_checkpoint(root / "resume" / "last.pt", lambda s: s["optimizer"]["state"][5].update(
         exp_avg_sq=torch.full_like(s["optimizer"]["state"][5]["exp_avg_sq"], float("nan"))))
+    classifier = create_convnextv2("convnextv2_atto", 16, num_classes=10, in_chans=1).state_dict()
+    save("ft_last.pt", {"format": FINETUNE_FORMAT, "version": 1, "model": classifier,
+                        "ema": inject(classifier, "stages.3.blocks.1.mlp.grn.bias", "inf"),
+                        "optimizer": {"state": {}, "param_groups": []}, "epoch": 1, "step": 2,
+                        "model_args": {"name": "convnextv2_atto", "num_classes": 10, "in_chans": 1, "patch_size": 16}})
+    (root / "demo2" / "pretrain").mkdir(parents=True)
+    save("demo2/pretrain/last.pt", {"model": atto, "loss": torch.nn.CrossEntropyLoss()})
     demo_training_checkpoint(root / "demo" / "pretrain" / "last.pt", lambda s: s["model"].update({
         "decoder.proj.weight": s["model"]["decoder.proj.weight"].transpose(0, 1).contiguous()}))
     run, out = ["--config", "pretrain/demo"], root / "out"
@@ -513,8 +520,13 @@ def cli_cases(tmp_path_factory) -> tuple[Path, list[tuple[list[str], list[str], 
         (["embed", str(root / "images"), "--checkpoint", files["bad_mean"], "--out", str(out / "e.npy")],
          ["bad_mean.pt", "data.mean is ['a', 'b', 'c']"], [out]),
         (["convert", files["bad_mean"], str(out / "b.safetensors")], ["bad_mean.pt", "data.mean"], [out]),
+        (["finetune", *ft, f"output_dir={out}", f"resume={root / 'ft_last.pt'}"],
+         ["resume=", "(ema): stages.3.blocks.1.mlp.grn.bias holds 1 inf"], [out]),
+        (["demo", "--quick", "--out", str(root / "demo2")],
+         ["cannot resume", "holds a pickled Python object", "give a new --out (or leave it out) to start afresh"],
+         [root / "demo2" / "pretrain" / "config.yaml", root / "demo2" / "finetune-fcmae"]),
         (["demo", "--quick", "--out", str(root / "demo")],
-         ["decoder.proj.weight has shape (320, 128, 1, 1)", "(it is transposed)"],
+         ["decoder.proj.weight has shape (320, 128, 1, 1)", "(it is transposed)", "give a new --out"],
          [root / "demo" / "pretrain" / "config.yaml", root / "demo" / "finetune-fcmae"]),
     ]
     code = files["code"]
@@ -552,7 +564,7 @@ def test_every_command_refuses_a_bad_checkpoint_in_one_line(cli_cases):
             assert w in lines[0], (argv, w, lines[0])
         for path in absent:
             assert not path.exists(), (argv, path)
-        if "pickled" in lines[0]:  # the fix names the command's own options only
+        if "pickled" in lines[0] or argv[0] == "demo":  # the fix names the command's own options only
             own = {o for o in OPTIONS if o in " ".join(argv)}
             assert not [o for o in OPTIONS - own if o in lines[0]], (argv, lines[0])
 
