@@ -113,8 +113,9 @@ def check_model_state(sd: Any, fmt: str, model_args: dict[str, Any] | None, wher
         raise CheckpointError(f"{where}: its {what!r} state_dict {problem}; give a checkpoint a `fcmae pretrain` or "
                               "`fcmae finetune` run wrote")
     args = dict(run_args if run_args is not None else model_args or {})
-    if fmt == FINETUNE_FORMAT and args.get("num_classes") is None and "head.fc.weight" in sd:
-        args["num_classes"] = int(sd["head.fc.weight"].shape[0])  # an old header without it: the head says
+    fc = sd.get("head.fc.weight")
+    if fmt == FINETUNE_FORMAT and args.get("num_classes") is None and fc is not None and fc.ndim:
+        args["num_classes"] = int(fc.shape[0])  # an old header without it: the head says
     label = f"{where} ({what})" if what != "model" else where
     if model_args and fmt in MODEL_ARGS:
         check_header_against_tensors(fmt, model_args, sd, label)

@@ -79,6 +79,22 @@ def _to_timm_keys(src: Source) -> tuple[dict[str, torch.Tensor], list[str]]:
     return convert(src.state_dict)
 
 
+def _timm_state_dict(source: Source, where: str) -> dict[str, torch.Tensor]:
+    """The source's tensors, each a finite float (checked in the file's own layout: the conversions reshape dense
+    floats only), under timm's keys. CheckpointError for a value, a layout or a key that does not convert."""
+    check_values(source.state_dict, where)
+    try:
+        sd, unknown = _to_timm_keys(source)
+    except ValueError as e:  # a layout conversion met a tensor not in its layout
+        raise CheckpointError(f"{where} ({FORMATS[source.format]}): {e}; {REEXPORT}") from None
+    if unknown:
+        raise CheckpointError(
+            f"{where} ({FORMATS[source.format]}) has keys with no ConvNeXt V2 counterpart: {', '.join(unknown[:5])}"
+            f"{' ...' if len(unknown) > 5 else ''} (a ConvNeXt V1 with layer scale, or another model?)"
+        )
+    return sd
+
+
 def read_encoder(src: str | os.PathLike | dict | Source, model: str | None = None,
                  where: str | None = None) -> EncoderWeights:
     """Load (safely), detect the format, check every value is a finite float, convert to timm keys, infer the size and
@@ -96,16 +112,7 @@ def read_encoder(src: str | os.PathLike | dict | Source, model: str | None = Non
     else:
         where = where or "checkpoint"
         source = detect(src, where)
-    check_values(source.state_dict, where)  # in the file's own layout: the conversions reshape dense floats only
-    try:
-        sd, unknown = _to_timm_keys(source)
-    except ValueError as e:  # a layout conversion met a tensor not in its layout
-        raise CheckpointError(f"{where} ({FORMATS[source.format]}): {e}; {REEXPORT}") from None
-    if unknown:
-        raise CheckpointError(
-            f"{where} ({FORMATS[source.format]}) has keys with no ConvNeXt V2 counterpart: {', '.join(unknown[:5])}"
-            f"{' ...' if len(unknown) > 5 else ''} (a ConvNeXt V1 with layer scale, or another model?)"
-        )
+    sd = _timm_state_dict(source, where)
     try:
         arch = infer_arch(sd)
     except (ValueError, KeyError) as e:
