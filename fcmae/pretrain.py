@@ -20,8 +20,8 @@ from fcmae.engine.distributed import DistInfo, cleanup_distributed, init_distrib
 from fcmae.engine.loop import train
 from fcmae.engine.resume import check_same_resume_everywhere, complete, complete_message, prepare_resume
 from fcmae.engine.optim import param_groups
-from fcmae.headers import FCMAE_FORMAT as FORMAT, check_header_against_tensors, read_model_init
 from fcmae.engine.seeds import derive_seed
+from fcmae.headers import FCMAE_FORMAT as FORMAT, check_header_against_tensors, read_model_init
 from fcmae.masking import random_mask
 from fcmae.model import FCMAE
 from fcmae.pretrain_config import PretrainConfig

@@ -348,7 +348,7 @@ def test_training_checkpoint_faults_are_refused_before_anything_is_restored(fcma
     """Resume: non-finite or non-float optimizer moments, moments of another shape than their parameter, an
     optimizer state of other groups, damaged counters / RNG state, a wrong model tensor: one line each."""
     from fcmae.engine.optim import check_optimizer_state
-    from fcmae.engine.resume import check_training_tensors, damage
+    from fcmae.engine.training_state import check_training_tensors, damage
 
     state, header, optimizer, names = training_state("atto_s16", fcmae_states)
     shapes = {k: v.shape for k, v in state["model"].items()}
