@@ -73,7 +73,7 @@ def _decoder_claims(model_args: dict[str, Any], sd: dict[str, torch.Tensor]) -> 
     widths = Counter(int(v.shape[0]) for k, v in sd.items() if pattern.fullmatch(k) and v.ndim > 0)
     have = {"decoder_dim": widths.most_common(1)[0][0] if widths else None,
             "decoder_depth": len({m[1] for k in sd if (m := re.match(r"decoder\.blocks\.(\d+)\.", k))})}
-    return [f"{k} {model_args[k]!r} where its decoder holds {have[k]}" for k in have
+    return [f"{k} {model_args[k]!r}, the tensors {have[k]!r} (read off its decoder)" for k in have
             if k in model_args and have[k] is not None and str(model_args[k]) != str(have[k])]
 
 

@@ -313,11 +313,13 @@ def test_fcmae_faults_are_refused_by_visualize_resume_and_model_init(name, fcmae
                     except AssertionError as a:
                         wrong.append(f"{reader}: {fault} at {key}: {a}")
     other_patch = {32: 16, 16: 8, 8: 32}[args["patch_size"]]
-    for claim, words in (({"encoder_name": "convnextv2_femto"}, "size 'convnextv2_femto' where its blocks hold"),
-                         ({"in_chans": args["in_chans"] + 1}, "in_chans"),
-                         ({"patch_size": other_patch}, f"patch size {other_patch} where its stem (stem.0.weight)"),
-                         ({"decoder_dim": 32}, "decoder_dim 32 where its decoder holds 16"),
-                         ({"decoder_depth": 2}, "decoder_depth 2 where its decoder holds 1")):
+    for claim, words in (({"encoder_name": "convnextv2_femto"},
+                          "size 'convnextv2_femto', the tensors 'convnextv2_atto' (read off its blocks)"),
+                         ({"in_chans": args["in_chans"] + 1}, "(read off stem.0.weight)"),
+                         ({"patch_size": other_patch},
+                          f"patch size {other_patch}, the tensors {args['patch_size']} (read off stem.0.weight)"),
+                         ({"decoder_dim": 32}, "decoder_dim 32, the tensors 16 (read off its decoder)"),
+                         ({"decoder_depth": 2}, "decoder_depth 2, the tensors 1 (read off its decoder)")):
         with pytest.raises(CheckpointError) as e:
             check_model_state(sd, "fcmae", {**args, **claim}, WHERE, shapes=shapes)
         one_line_naming(e.value, {words})
@@ -506,7 +508,7 @@ def cli_cases(tmp_path_factory) -> tuple[Path, list[tuple[list[str], list[str], 
         (["pretrain", *run, f"output_dir={out}", f"resume={root / 'resume' / 'last.pt'}"],
          ["resume=", "optimizer state of parameter 5): exp_avg_sq holds only NaN"], [out]),
         (["eval", files["classes"], "data.format=digits"],
-         ["classes.pt", "num_classes 10 where its classifier (head.fc.weight) holds 7"], []),
+         ["classes.pt", "num_classes 10, the tensors 7 (read off head.fc.weight)"], []),
         (["knn", files["header"], "data.format=digits"], ["header.pt", "says size 'convnextv2_tiny'"], []),
         (["embed", str(root / "images"), "--checkpoint", files["complex"], "--out", str(out / "e.npy")],
          ["complex.pt", "stem.0.weight is complex64"], [out]),

@@ -128,14 +128,13 @@ def check_header(claims: Mapping[str, Any], arch: Arch, where: str, header: str,
     """CheckpointError unless the header's claims (`header_claims`, plus 'num_classes' for a classifier) are what
     the tensors hold (`arch`, a head of `num_classes` outputs); the line says which tensors say otherwise. Values may
     be text (safetensors metadata is)."""
-    have = {"size": (arch.name, "its blocks"), "in_chans": (arch.in_chans, "its stem (stem.0.weight)"),
-            "patch size": (arch.patch_size, "its stem (stem.0.weight)"),
-            "num_classes": (num_classes, "its classifier (head.fc.weight)")}
-    differs = [f"{what} {value!r} where {have[what][1]} holds {have[what][0]}" for what, value in claims.items()
-               if str(value) != str(have[what][0])]
+    have = {"size": (arch.name, "its blocks"), "in_chans": (arch.in_chans, "stem.0.weight"),
+            "patch size": (arch.patch_size, "stem.0.weight"), "num_classes": (num_classes, "head.fc.weight")}
+    differs = [f"{what} {value!r}, the tensors {have[what][0]!r} (read off {have[what][1]})"
+               for what, value in claims.items() if str(value) != str(have[what][0])]
     if differs:
         raise CheckpointError(
-            f"{where}: its {header} says {'; '.join(differs)} (the tensors: {arch.describe()}): the header and the "
+            f"{where}: its {header} says {'; '.join(differs)}; the tensors are {arch.describe()}: the header and the "
             "weights disagree (an edited or mixed-up file); save the weights with the header of the model they are, "
             "or as a plain state_dict")
 
