@@ -17,6 +17,7 @@ from convnextv2.encoder import encoder_patch_size
 from fcmae.data.folder import ImageFiles, imagefolder_samples, is_imagefolder
 from fcmae.data.labeled import DIGIT_CLASSES, build_splits, eval_transform, normalization, val_samples
 from fcmae.engine.distributed import cleanup_distributed, init_distributed
+from fcmae.export import trained_data
 from fcmae.config import NotSetError
 from fcmae.finetune_config import FinetuneDataConfig, check_image_size
 from fcmae.metrics import ClassificationMeter
@@ -87,7 +88,7 @@ def load_classifier(path: str, ema: bool = False) -> tuple[torch.nn.Module, dict
             raise ValueError(f"{path!r} holds no EMA weights (only a training last.pt does); use best-ema.pt or "
                              "model-ema.safetensors without ema=true (fcmae eval) / --ema (fcmae predict)")
         src = {"model": meta["ema"]}
-    return classifier_from_weights(read_encoder(src), path), meta
+    return classifier_from_weights(read_encoder(src, where=f"{path} (EMA)" if ema else path), path), meta
 
 
 def read_classifier(path: str, ema: bool = False) -> tuple[torch.nn.Module, dict[str, Any], dict[str, Any], str | None]:
@@ -96,7 +97,7 @@ def read_classifier(path: str, ema: bool = False) -> tuple[torch.nn.Module, dict
     checkpoints, whose config holds it)."""
     model, meta = load_classifier(path, ema)
     if meta:
-        trained = {k: v for k, v in ((meta.get("config") or {}).get("data") or {}).items() if k in DATA_KEYS}
+        trained = {k: v for k, v in trained_data(meta, path).items() if k in DATA_KEYS}
         return model, meta, trained, None
     trained, meta, said = exported_preprocessing(path, model)  # what an exported file carries (metadata, config.json)
     return model, meta, trained, said

@@ -3,6 +3,7 @@
 (`fcmae convert --to backbone`, `fcmae demo`), and what `fcmae eval` reads back."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,38 @@ from convnextv2.timm_names import load_line, timm_name
 from fcmae.data.transforms import default_stats
 
 FINETUNE_FORMAT = "fcmae-finetune"
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def trained_data(raw: Any, where: str = "the checkpoint", in_chans: int | None = None) -> dict[str, Any]:
+    """The `data` section of the config a checkpoint of this project carries ({} for other files), its
+    preprocessing checked (image_size a positive int, crop_pct in (0, 1], mean / std finite numbers, std > 0, one per
+    channel when `in_chans` is given): a ValueError line naming the file and the key for a damaged one, which would
+    otherwise preprocess images wrongly."""
+    config = raw.get("config") if isinstance(raw, dict) else None
+    data = config.get("data") if isinstance(config, dict) else None
+    for name, value in (("config", config), ("config.data", data)):
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"{where}: its {name} is a {type(value).__name__}, not a mapping: a damaged checkpoint; "
+                             "re-save it with its run's config, or save the weights alone")
+    data = data or {}
+    size, crop = data.get("image_size"), data.get("crop_pct")
+    bad = [] if size is None or (isinstance(size, int) and not isinstance(size, bool) and size > 0) else ["image_size"]
+    bad += [] if crop is None or (_number(crop) and 0 < crop <= 1) else ["crop_pct"]
+    for key in ("mean", "std"):
+        stats = data.get(key)
+        if stats is not None and not (isinstance(stats, list) and stats and all(_number(v) for v in stats)
+                                      and (key == "mean" or min(stats) > 0)
+                                      and (in_chans is None or len(stats) == in_chans)):
+            bad.append(key)
+    if bad:
+        raise ValueError(f"{where}: its config's data.{bad[0]} is {data[bad[0]]!r}, which no run writes (image_size "
+                         "a positive int, crop_pct in (0, 1], mean / std one finite number per input channel, std > 0):"
+                         " a damaged checkpoint; re-save it with its run's config, or save the weights alone")
+    return data
 
 
 def eval_settings(data: dict[str, Any], in_chans: int) -> tuple[int, float, list[float], list[float]]:
@@ -30,24 +63,28 @@ def timm_config(name: str, patch_size: int, num_classes: int, in_chans: int, dat
                            label_names=classes)
 
 
-def checkpoint_exports(raw: Any) -> tuple[dict[str, Any], dict[str, Any], list[str]] | None:
+def checkpoint_exports(raw: Any, where: str = "the checkpoint"
+                       ) -> tuple[dict[str, Any], dict[str, Any], list[str]] | None:
     """For a fine-tune checkpoint (best.pt, last.pt): (timm config.json, HF preprocessor config, class names);
     None for anything else (an encoder, a bare state_dict: nothing recorded)."""
     if not isinstance(raw, dict) or raw.get("format") != FINETUNE_FORMAT:
         return None
-    margs, data = raw.get("model_args") or {}, (raw.get("config") or {}).get("data") or {}
-    in_chans, classes = int(margs.get("in_chans", 3)), list(raw.get("classes") or [])
+    margs = raw.get("model_args")
+    if not isinstance(margs, dict) or "name" not in margs or "num_classes" not in margs:
+        return None  # no header to build the configs from (the weights were checked against what it has)
+    in_chans, classes = int(margs.get("in_chans") or 3), [str(c) for c in raw.get("classes") or []]
+    data = trained_data(raw, where, in_chans)
     size, crop, mean, std = eval_settings(data, in_chans)
     return (timm_config(margs["name"], int(margs.get("patch_size") or 32), int(margs["num_classes"]), in_chans, data,
                         classes or None),
             hf_preprocessor_config(size, crop, mean, std), classes)
 
 
-def trained_settings(raw: Any, in_chans: int) -> tuple[int, float, list[float], list[float]]:
-    """(image_size, crop_pct, mean, std) a checkpoint of this project was trained with (its config's `data`); 224 px,
-    crop_pct 0.875 and the default statistics for other files."""
-    data = ((raw.get("config") or {}).get("data") or {}) if isinstance(raw, dict) else {}
-    return eval_settings(data if isinstance(data, dict) else {}, in_chans)
+def trained_settings(raw: Any, in_chans: int, where: str = "the checkpoint"
+                     ) -> tuple[int, float, list[float], list[float]]:
+    """(image_size, crop_pct, mean, std) a checkpoint of this project was trained with (its config's `data`, checked:
+    `trained_data`); 224 px, crop_pct 0.875 and the default statistics for other files."""
+    return eval_settings(trained_data(raw, where, in_chans), in_chans)
 
 
 def write_backbone_export(weights: EncoderWeights, raw: Any, dst: Path) -> dict[str, Any]:

@@ -43,14 +43,14 @@ def build_classifier(name: str, num_classes: int, drop_path: float = 0.0, head_i
                              head_init_scale=head_init_scale, in_chans=in_chans)
 
 
-def encoder_from_checkpoint(src: Any) -> tuple[nn.Module, Any]:
-    """Any checkpoint fcmae reads (a path or a loaded dict) -> (timm encoder with its weights, num_classes=0, in eval
-    mode; the EncoderWeights read). The model is built as fine-tuning builds it (`build_classifier`), so whatever
-    the file implies (size, in_chans, stem stride) holds here too."""
+def encoder_from_checkpoint(src: Any, where: str | None = None) -> tuple[nn.Module, Any]:
+    """Any checkpoint fcmae reads (a path or a loaded dict; `where` names it in errors) -> (timm encoder with its
+    weights, num_classes=0, in eval mode; the EncoderWeights read and checked). The model is built as fine-tuning
+    builds it (`build_classifier`), so whatever the file implies (size, in_chans, stem stride) holds here too."""
     from convnextv2.checkpoint import load_encoder_weights, read_encoder
     from convnextv2.checkpoint.convert import require_name
 
-    weights = read_encoder(src)
+    weights = read_encoder(src, where=where)
     arch = weights.arch
     model = build_classifier(require_name(arch), 0, in_chans=arch.in_chans, patch_size=arch.patch_size)
     load_encoder_weights(model, weights)
@@ -58,11 +58,12 @@ def encoder_from_checkpoint(src: Any) -> tuple[nn.Module, Any]:
 
 
 def check_pretrained(path: str, name: str, in_chans: int | None = None, patch_size: int | None = None) -> Any:
-    """Read a pretrained checkpoint (any format) -> EncoderWeights; ValueError when it holds another size or another
-    number of input channels than `in_chans` or another patch size (stem stride) than `patch_size` (None: any)."""
-    from convnextv2.checkpoint import read_encoder
+    """Read a pretrained checkpoint (any format; every tensor checked) -> EncoderWeights; ValueError when it holds
+    another size or another number of input channels than `in_chans` or another patch size (stem stride) than
+    `patch_size` (None: any)."""
+    from fcmae.headers import read_model_init
 
-    weights = read_encoder(path)
+    weights = read_model_init(path)[1]
     if weights.arch.name != name:
         raise ValueError(f"model.init={path!r} holds {weights.arch.describe()}, but model.name={name}; use "
                          f"model.name={weights.arch.name} (configs/finetune/{str(weights.arch.name).split('_')[-1]}"
@@ -274,12 +275,14 @@ class FinetuneTask:
         return out
 
 
-def finetune(cfg: FinetuneConfig, on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> dict:
+def finetune(cfg: FinetuneConfig, on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+             afresh: str | None = None) -> dict:
     """Run (or resume) a fine-tuning; joins/leaves the process group when WORLD_SIZE > 1. Returns the summary
-    (last epoch's loss, top1/top5/ema_top1/ema_top5, best_top1/best_ema_top1, exported files)."""
+    (last epoch's loss, top1/top5/ema_top1/ema_top5, best_top1/best_ema_top1, exported files). afresh: how the
+    calling command starts afresh when output_dir's last.pt cannot be resumed (its own options)."""
     header = {"format": FORMAT, "model_args": {"name": cfg.model.name, "num_classes": cfg.model.num_classes,
                                                "in_chans": cfg.model.in_chans, "patch_size": cfg.model.patch_size}}
-    resume = prepare_resume(cfg.output_dir, cfg.resume, header)  # before data, files and devices
+    resume = prepare_resume(cfg.output_dir, cfg.resume, header, afresh=afresh)  # before data, files and devices
     info = init_distributed(cfg.device)
     run_dir = None
     try:

@@ -24,6 +24,7 @@ from fcmae.engine.resume import check_same_resume_everywhere, complete, complete
 from fcmae.engine.rundir import claim
 from fcmae.engine.optim import param_groups
 from fcmae.engine.seeds import derive_seed
+from fcmae.headers import FCMAE_FORMAT as FORMAT, check_header_against_tensors, read_model_init
 from fcmae.masking import random_mask
 from fcmae.model import FCMAE
 from fcmae.pretrain_config import PretrainConfig
@@ -32,7 +33,7 @@ from fcmae.pretrain_config import PretrainConfig
 def checkpoint_header(cfg: PretrainConfig) -> dict[str, Any]:
     """What identifies the model in a pretraining checkpoint (a resumed run must agree on all of it)."""
     m = cfg.model
-    return {"format": "fcmae", "version": 1, "model_args": {
+    return {"format": FORMAT, "version": 1, "model_args": {
         "encoder_name": m.name, "in_chans": m.in_chans, "mask_ratio": m.mask_ratio,
         "decoder_dim": m.decoder_dim, "decoder_depth": m.decoder_depth, "norm_pix_loss": m.norm_pix_loss,
         "patch_size": m.patch_size}}
@@ -40,42 +41,50 @@ def checkpoint_header(cfg: PretrainConfig) -> dict[str, Any]:
 
 def load_init(model: FCMAE, path: str, cfg: PretrainConfig) -> str:
     """model.init: the encoder from any checkpoint format `read_encoder` reads, the decoder too when the file is an
-    FCMAE checkpoint that has one (its shapes must match the config). Returns a one-line summary."""
-    from convnextv2.checkpoint import CheckpointError, detect, load_encoder_weights, load_file, read_encoder
+    FCMAE checkpoint that has one (its shapes must match the config). Every tensor is checked before it is loaded
+    (shapes, dtype, finite values, the header against the tensors). Returns a one-line summary."""
+    from convnextv2.checkpoint import load_encoder_weights
 
     m = cfg.model
-    obj = load_file(path)
-    try:
-        weights = read_encoder(detect(obj, f"model.init={path!r}"))
-    except CheckpointError as e:
-        raise ValueError(f"model.init={path!r}: {e}") from None
+    where = f"model.init={path!r}"
+    obj, weights = read_model_init(path)
     if weights.arch.name != m.name:
-        raise ValueError(f"model.init={path!r} holds {weights.arch.describe()}, but model.name={m.name}; use "
+        raise ValueError(f"{where} holds {weights.arch.describe()}, but model.name={m.name}; use "
                          f"model.name={weights.arch.name} or a checkpoint of this size")
     if weights.arch.in_chans != m.in_chans:
-        raise ValueError(f"model.init={path!r} holds {weights.arch.in_chans}-channel weights, but "
+        raise ValueError(f"{where} holds {weights.arch.in_chans}-channel weights, but "
                          f"model.in_chans={m.in_chans}; set model.in_chans={weights.arch.in_chans}")
     if weights.arch.patch_size != m.patch_size:
         auto = f" (auto at {cfg.data.image_size} px)" if m.patch_size_auto else ""
-        raise ValueError(f"model.init={path!r} holds an encoder with patch size {weights.arch.patch_size}, but "
+        raise ValueError(f"{where} holds an encoder with patch size {weights.arch.patch_size}, but "
                          f"model.patch_size={m.patch_size}{auto}; set model.patch_size={weights.arch.patch_size}")
+    decoder = init_decoder(obj, model, where) if weights.format == "fcmae" else None
     info = load_encoder_weights(model.encoder, weights, head_init_scale=None)
-    decoder = "fresh"
-    if weights.format == "fcmae":
-        sd = {k[len("decoder."):]: v for k, v in obj["model"].items() if k.startswith("decoder.")}
-        if sd:
-            want = model.decoder.state_dict()
-            bad = [f"{k} {tuple(sd[k].shape) if k in sd else 'missing'} vs {tuple(v.shape)}"
-                   for k, v in want.items() if k not in sd or sd[k].shape != v.shape]
-            bad += [f"{k} (not in this decoder)" for k in sd if k not in want]
-            if bad:
-                args = obj.get("model_args") or {}
-                hint = " ".join(f"model.{k}={args[k]}" for k in ("decoder_dim", "decoder_depth") if k in args)
-                raise ValueError(f"model.init={path!r} has a decoder of another shape ({'; '.join(bad[:3])}); set "
-                                 f"{hint or 'model.decoder_dim / model.decoder_depth'} as in the file")
-            model.decoder.load_state_dict(sd)
-            decoder = "from the file"
-    return f"encoder: {info.summary()}; decoder: {decoder}"
+    if decoder is not None:
+        model.decoder.load_state_dict(decoder)
+    return f"encoder: {info.summary()}; decoder: {'fresh' if decoder is None else 'from the file'}"
+
+
+def init_decoder(obj: dict[str, Any], model: FCMAE, where: str) -> dict[str, torch.Tensor] | None:
+    """The decoder state_dict of an FCMAE checkpoint for model.init, checked against its header and `model`'s
+    decoder (ValueError: one line with the file's decoder_dim / decoder_depth); None when the file has none."""
+    from convnextv2.checkpoint.validate import check_values
+
+    sd = {k[len("decoder."):]: v for k, v in obj["model"].items() if k.startswith("decoder.")}
+    if not sd:
+        return None
+    args = obj.get("model_args") if isinstance(obj.get("model_args"), dict) else {}
+    check_header_against_tensors(FORMAT, args, obj["model"], where)
+    want = model.decoder.state_dict()
+    bad = [f"{k} {tuple(sd[k].shape) if k in sd else 'missing'} vs {tuple(v.shape)}"
+           for k, v in want.items() if k not in sd or sd[k].shape != v.shape]
+    bad += [f"{k} (not in this decoder)" for k in sd if k not in want]
+    if bad:
+        hint = " ".join(f"model.{k}={args[k]}" for k in ("decoder_dim", "decoder_depth") if k in args)
+        raise ValueError(f"{where} has a decoder of another shape ({'; '.join(bad[:3])}); set "
+                         f"{hint or 'model.decoder_dim / model.decoder_depth'} as in the file")
+    check_values({f"decoder.{k}": v for k, v in sd.items()}, where)
+    return sd
 
 
 class PretrainTask:
@@ -183,10 +192,12 @@ class PretrainTask:
         return path
 
 
-def pretrain(cfg: PretrainConfig, on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None) -> dict:
-    """Run (or resume) a pretraining; joins/leaves the process group when WORLD_SIZE > 1. Returns the summary."""
+def pretrain(cfg: PretrainConfig, on_loss: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+             afresh: str | None = None) -> dict:
+    """Run (or resume) a pretraining; joins/leaves the process group when WORLD_SIZE > 1. Returns the summary.
+    afresh: how the calling command starts afresh when output_dir's last.pt cannot be resumed (its own options)."""
     header = checkpoint_header(cfg)
-    resume = prepare_resume(cfg.output_dir, cfg.resume, header)  # before data, files and devices
+    resume = prepare_resume(cfg.output_dir, cfg.resume, header, afresh=afresh)  # before data, files and devices
     info = init_distributed(cfg.device)
     run_dir = None
     try:

@@ -15,13 +15,16 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
-from convnextv2.checkpoint.arch import Arch, arch_by_name, infer_arch
+from convnextv2.checkpoint.arch import Arch, arch_by_name, encoder_shapes, infer_arch
 from convnextv2.checkpoint.detect import FORMATS, Source, detect
 from convnextv2.checkpoint.hf import hf_config, hf_to_timm, timm_to_hf
 from convnextv2.checkpoint.hub import metadata
 from convnextv2.checkpoint.io import CheckpointError, atomic_folder, atomic_write, load_file, save_state_dict
 from convnextv2.checkpoint.minkowski import minkowski_to_timm
 from convnextv2.checkpoint.reference import reference_to_timm
+from convnextv2.checkpoint.validate import (
+    REEXPORT, check_header, check_keys_and_shapes, check_values, header_claims, layout_fits,
+)
 from convnextv2.encoder import create_convnextv2
 
 HEAD_INIT_SCALE = 0.001  # the fine-tune recipes' head init scale (docs/method.md, "Fine-tuning recipes"), timm's `head_init_scale`
@@ -76,22 +79,40 @@ def _to_timm_keys(src: Source) -> tuple[dict[str, torch.Tensor], list[str]]:
     return convert(src.state_dict)
 
 
-def read_encoder(src: str | os.PathLike | dict | Source, model: str | None = None) -> EncoderWeights:
-    """Load (safely), detect the format, convert to timm keys, infer the size and check the encoder is complete.
-
-    model: a timm name (`convnextv2_atto`); if given, the file must hold that size, else a ValueError names the size
-    the file implies and the offending keys.
-    """
-    where = str(src) if isinstance(src, (str, os.PathLike)) else "checkpoint"
-    if isinstance(src, (str, os.PathLike)):
-        src = load_file(src)
-    source = src if isinstance(src, Source) else detect(src, where)
-    sd, unknown = _to_timm_keys(source)
+def _timm_state_dict(source: Source, where: str) -> dict[str, torch.Tensor]:
+    """The source's tensors, each a finite float (checked in the file's own layout: the conversions reshape dense
+    floats only), under timm's keys. CheckpointError for a value, a layout or a key that does not convert."""
+    check_values(source.state_dict, where)
+    try:
+        sd, unknown = _to_timm_keys(source)
+    except ValueError as e:  # a layout conversion met a tensor not in its layout
+        raise CheckpointError(f"{where} ({FORMATS[source.format]}): {e}; {REEXPORT}") from None
     if unknown:
         raise CheckpointError(
             f"{where} ({FORMATS[source.format]}) has keys with no ConvNeXt V2 counterpart: {', '.join(unknown[:5])}"
             f"{' ...' if len(unknown) > 5 else ''} (a ConvNeXt V1 with layer scale, or another model?)"
         )
+    return sd
+
+
+def read_encoder(src: str | os.PathLike | dict | Source, model: str | None = None,
+                 where: str | None = None) -> EncoderWeights:
+    """Load (safely), detect the format, check every value is a finite float, convert to timm keys, infer the size and
+    check the rest (`check_encoder`): the encoder is complete, every shape is the size's, the header (if any) says
+    what the tensors hold.
+
+    model: a timm name (`convnextv2_atto`); if given, the file must hold that size, else a ValueError names the size
+    the file implies and the offending keys. where: how errors name the file (default: the path, the Source's).
+    """
+    if isinstance(src, (str, os.PathLike)):
+        where = where or str(src)
+        src = load_file(src)
+    if isinstance(src, Source):
+        source, where = src, where or src.where
+    else:
+        where = where or "checkpoint"
+        source = detect(src, where)
+    sd = _timm_state_dict(source, where)
     try:
         arch = infer_arch(sd)
     except (ValueError, KeyError) as e:
@@ -102,6 +123,7 @@ def read_encoder(src: str | os.PathLike | dict | Source, model: str | None = Non
         raise CheckpointError(
             f"{where} is an incomplete ConvNeXt V2 encoder{hint}: missing {len(missing)} keys, e.g. {', '.join(missing[:5])}"
         )
+    check_encoder(sd, arch, where, source.model_args, source.header)
     weights = EncoderWeights(sd, source.format, arch, list(source.notes), source.model_args)
     if model is not None:
         arch_by_name(model)  # ValueError for an unknown name
@@ -110,6 +132,23 @@ def read_encoder(src: str | os.PathLike | dict | Source, model: str | None = Non
             check_shapes(fit_shapes(encoder_part(sd), shapes), shapes, arch, model,
                          f". Use --model {arch.name} (or leave --model out)" if arch.name else "")
     return weights
+
+
+def check_encoder(sd: dict[str, torch.Tensor], arch: Arch, where: str, model_args: dict[str, Any] | None = None,
+                  header: str | None = None) -> None:
+    """CheckpointError (one line: the file, the first bad key, the fix) unless `sd` (timm keys) is exactly `arch`'s
+    encoder, plus head.norm / head.fc when it has them, and its header (`model_args` of a checkpoint whose `format`
+    is `header`) says what the tensors hold. (The values: `check_values`, before the layout conversions.)"""
+    fc = sd.get("head.fc.weight")
+    num_classes = int(fc.shape[0]) if fc is not None and fc.ndim > 0 else 0
+    if model_args is not None:
+        claims = header_claims(model_args, "encoder_name" if header == "fcmae" else "name")
+        if header != "fcmae" and model_args.get("num_classes") is not None:
+            claims["num_classes"] = model_args["num_classes"]
+        check_header(claims, arch, where, "header (model_args)", num_classes)
+    shapes = encoder_shapes(arch, num_classes)
+    check_keys_and_shapes(sd, shapes, where, arch.name or "the layout its stem and blocks imply",
+                          may_lack=lambda k: k.startswith("head."))
 
 
 def encoder_part(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -125,11 +164,12 @@ def timm_shapes(name: str, num_classes: int, in_chans: int = 3, patch_size: int 
 
 
 def fit_shapes(sd: dict[str, torch.Tensor], shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """Reshape mlp.fc weights between Linear (out, in) and 1x1-conv (out, in, 1, 1) to what `shapes` says."""
+    """Reshape mlp.fc weights between Linear (out, in) and 1x1-conv (out, in, 1, 1) to what `shapes` says; nothing
+    else (`layout_fits`: a same-size tensor of another shape is left as it is, for `check_shapes` to refuse)."""
     out = {}
     for k, v in sd.items():
         want = shapes.get(k)
-        if want is not None and v.shape != want and ".mlp.fc" in k and v.numel() == want.numel():
+        if want is not None and v.shape != want and layout_fits(k, v.shape, want):
             v = v.reshape(want)
         out[k] = v
     return out

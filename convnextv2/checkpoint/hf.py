@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from convnextv2.checkpoint.arch import Arch
+from convnextv2.checkpoint.layout import convert_tensor, grn_to_timm
 
 PREFIX = "convnextv2."
 
@@ -53,7 +54,8 @@ def timm_to_hf(sd: dict[str, torch.Tensor], base_model: bool = False) -> dict[st
 
 
 def hf_to_timm(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """ConvNextV2Model or ConvNextV2ForImageClassification state_dict -> (timm state_dict, unknown keys)."""
+    """ConvNextV2Model or ConvNextV2ForImageClassification state_dict -> (timm state_dict, unknown keys). ValueError
+    naming the key for a GRN parameter that is not (1, 1, 1, C)."""
     out: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     for key, v in sd.items():
@@ -63,7 +65,8 @@ def hf_to_timm(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], li
         elif m := re.fullmatch(r"encoder\.stages\.(\d+)\.downsampling_layer\.(\d)\.(\w+)", k):
             out[f"stages.{m[1]}.downsample.{m[2]}.{m[3]}"] = v
         elif (m := re.fullmatch(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.(\w+)\.(\w+)", k)) and m[3] in _BLOCK_TO_TIMM:
-            out[f"stages.{m[1]}.blocks.{m[2]}.{_BLOCK_TO_TIMM[m[3]]}.{m[4]}"] = v.reshape(-1) if m[3] == "grn" else v
+            out[f"stages.{m[1]}.blocks.{m[2]}.{_BLOCK_TO_TIMM[m[3]]}.{m[4]}"] = (
+                convert_tensor(key, grn_to_timm, v) if m[3] == "grn" else v)
         elif m := re.fullmatch(r"layernorm\.(\w+)", k):
             out[f"head.norm.{m[1]}"] = v
         elif m := re.fullmatch(r"classifier\.(\w+)", k):

@@ -21,13 +21,14 @@ import re
 import shutil
 import struct
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as _st_load, save_file as _st_save
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
@@ -62,8 +63,9 @@ def _file_kind(path: Path) -> str:
 def load_file(path: str | os.PathLike) -> Any:
     """Load a checkpoint file without executing code -> whatever it holds (usually a dict).
 
-    Raises CheckpointError for a missing, empty, truncated or non-checkpoint file, and for a pickle whose objects
-    need code (custom classes) to load.
+    Raises CheckpointError for a missing, empty, truncated or non-checkpoint file, for a pickle whose objects need
+    code (custom classes) to load, and for a safetensors export whose metadata describes another model than its
+    tensors (the tensors themselves are checked where they are used: convnextv2.checkpoint.validate).
     """
     path = Path(path)
     if not path.is_file():
@@ -79,18 +81,26 @@ def load_file(path: str | os.PathLike) -> Any:
             f"(it starts with {start!r}); pass a .pth/.pt/.safetensors file"
         )
     if kind == "safetensors":
+        from convnextv2.checkpoint.validate import check_export_metadata
+
         try:
-            return _st_load(str(path), device="cpu")
+            tensors = _st_load(str(path), device="cpu")
+            metadata = safe_open(str(path), framework="pt").metadata() or {}
         except SafetensorError as e:
             raise CheckpointError(
                 f"safetensors file {path} is truncated or corrupt ({e}); re-download or re-export it"
             ) from None
+        check_export_metadata(metadata, tensors, str(path))  # its header must describe its tensors
+        return tensors
     if kind == "zip" and not zipfile.is_zipfile(path):
         raise CheckpointError(
             f"checkpoint {path} is truncated or corrupt (its zip directory is missing); re-download or re-save it"
         )
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        # torch's notes on what it meets (sparse invariants, legacy storages) are not the user's business: the
+        # readers check every tensor and say in one line what is wrong
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))

@@ -9,6 +9,7 @@ offsets are ordered with the first spatial axis varying fastest:
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -60,5 +61,23 @@ def timm_bias_to_minkowski(bias: torch.Tensor) -> torch.Tensor:
 
 
 def minkowski_bias_to_timm(bias: torch.Tensor) -> torch.Tensor:
-    """(1, C) -> (C,)."""
+    """(1, C) -> (C,). ValueError for any other shape: a reshape would hide a wrong one."""
+    if bias.ndim != 2 or bias.shape[0] != 1:
+        raise ValueError(f"expected a Minkowski bias (1, C), got {tuple(bias.shape)}")
     return bias.reshape(-1).contiguous()
+
+
+def grn_to_timm(param: torch.Tensor) -> torch.Tensor:
+    """A dense GRN gamma / beta (1, 1, 1, C) (the reference repo's and Hugging Face's) -> timm's (C,). ValueError
+    for any other shape: a reshape would hide a wrong one."""
+    if param.ndim != 4 or tuple(param.shape[:3]) != (1, 1, 1):
+        raise ValueError(f"expected a GRN parameter (1, 1, 1, C), got {tuple(param.shape)}")
+    return param.reshape(-1)
+
+
+def convert_tensor(key: str, convert: Callable[[torch.Tensor], torch.Tensor], tensor: torch.Tensor) -> torch.Tensor:
+    """convert(tensor), its ValueError naming `key` (the file's own name for the tensor)."""
+    try:
+        return convert(tensor)
+    except ValueError as e:
+        raise ValueError(f"{key}: {e}") from None

@@ -18,24 +18,25 @@ import re
 import torch
 
 from convnextv2.checkpoint.layout import (
-    minkowski_bias_to_timm, minkowski_conv_to_timm, minkowski_dw_to_timm, timm_bias_to_minkowski,
+    convert_tensor, minkowski_bias_to_timm, minkowski_conv_to_timm, minkowski_dw_to_timm, timm_bias_to_minkowski,
     timm_conv_to_minkowski, timm_dw_to_minkowski,
 )
 from convnextv2.checkpoint.reference import reference_to_timm, timm_to_reference
 
 
 def minkowski_to_reference(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Sparse (Minkowski) encoder state_dict -> reference dense encoder state_dict."""
+    """Sparse (Minkowski) encoder state_dict -> reference dense encoder state_dict. ValueError naming the key for a
+    kernel, bias or GRN parameter not in its Minkowski layout (reshaping it would hide the wrong shape)."""
     out: dict[str, torch.Tensor] = {}
-    for k, v in sd.items():
-        k = k.replace(".ln.", ".").replace(".linear.", ".")
+    for key, v in sd.items():
+        k = key.replace(".ln.", ".").replace(".linear.", ".")
         if k.endswith(".kernel"):
             k = k[: -len("kernel")] + "weight"
-            v = minkowski_dw_to_timm(v) if v.ndim == 2 else minkowski_conv_to_timm(v)
-        elif re.fullmatch(r"(downsample_layers\.\d+\.1|stages\.\d+\.\d+\.dwconv)\.bias", k) and v.ndim == 2:
-            v = minkowski_bias_to_timm(v)
+            v = convert_tensor(key, minkowski_dw_to_timm if v.ndim == 2 else minkowski_conv_to_timm, v)
+        elif re.fullmatch(r"(downsample_layers\.\d+\.1|stages\.\d+\.\d+\.dwconv)\.bias", k) and v.ndim != 1:
+            v = convert_tensor(key, minkowski_bias_to_timm, v)  # (1, C); a (C,) bias is already timm's
         elif ".grn." in k:
-            v = v.reshape(1, 1, 1, -1)
+            v = convert_tensor(key, minkowski_bias_to_timm, v).reshape(1, 1, 1, -1)
         out[k] = v
     return out
 

@@ -11,6 +11,8 @@ import re
 
 import torch
 
+from convnextv2.checkpoint.layout import convert_tensor, grn_to_timm
+
 _BLOCK_TO_TIMM = {
     "dwconv": "conv_dw", "norm": "norm", "pwconv1": "mlp.fc1", "pwconv2": "mlp.fc2",
     "grn.gamma": "mlp.grn.weight", "grn.beta": "mlp.grn.bias",
@@ -30,7 +32,8 @@ def _split_param(rest: str) -> tuple[str, str]:
 
 
 def reference_to_timm(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Reference dense state_dict -> (timm-keyed state_dict, keys that have no timm counterpart)."""
+    """Reference dense state_dict -> (timm-keyed state_dict, keys that have no timm counterpart). ValueError naming
+    the key for a GRN parameter that is not (1, 1, 1, C)."""
     out: dict[str, torch.Tensor] = {}
     unknown: list[str] = []
     for k, v in sd.items():
@@ -44,7 +47,7 @@ def reference_to_timm(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
                 unknown.append(k)
                 continue
             name = f"stages.{m[1]}.blocks.{m[2]}.{_BLOCK_TO_TIMM[module]}" + (f".{param}" if param else "")
-            out[name] = v.reshape(-1) if module.startswith("grn.") else v
+            out[name] = convert_tensor(k, grn_to_timm, v) if module.startswith("grn.") else v
         elif m := re.fullmatch(r"norm\.(\w+)", k):
             out[f"head.norm.{m[1]}"] = v
         elif m := re.fullmatch(r"head\.(\w+)", k):

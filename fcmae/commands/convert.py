@@ -18,7 +18,7 @@ from convnextv2.checkpoint.hub import metadata
 from convnextv2.timm_names import load_line
 from fcmae.convert import fcmae_checkpoint, fcmae_from_encoder
 from fcmae.engine.config import check_at_least, check_writable_dir, check_writable_file
-from fcmae.export import checkpoint_exports, trained_settings, write_backbone_export
+from fcmae.export import checkpoint_exports, trained_data, trained_settings, write_backbone_export
 from fcmae.onnx_export import ONNX_TARGETS, check_onnx_args, write_onnx_export
 
 
@@ -84,7 +84,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         weights = read_encoder(detect({"model": raw["ema"]}, f"{args.src} (EMA)"), model=args.model)
     else:
         weights = read_encoder(detect(raw, args.src), model=args.model)
-    exports = checkpoint_exports(raw)  # a fine-tune checkpoint's preprocessing and class names travel along
+    trained_data(raw, args.src, weights.arch.in_chans)  # the preprocessing that travels along: checked before writing
+    exports = checkpoint_exports(raw, args.src)  # a fine-tune checkpoint's preprocessing and class names travel along
     how = "as given by --model" if args.model else "inferred from tensor shapes"
     print(f"read {args.src}{' (EMA weights)' if args.ema else ''}: {weights.describe()} ({how})")
     for note in weights.notes:

@@ -101,12 +101,15 @@ def stages(pre_cfg: PretrainConfig, ft_cfg: FinetuneConfig, scratch_cfg: Finetun
     from fcmae.finetune import finetune
     from fcmae.pretrain import pretrain
 
+    # a stage whose folder holds a run continues it; one that cannot be continued is refused in the demo's own terms
+    afresh = f"the demo continues the runs in --out {out}: give a new --out (or leave it out) to start afresh"
+
     t0 = time.time()
     held = pre_cfg.data.digits_holdout
     n = min(pre_cfg.data.num_samples or DIGITS - held, DIGITS - held)
     what = f"the {n} digits" if n == DIGITS - held else f"the first {n} of the {DIGITS - held} digits"
     print(f"== 1/4 FCMAE pretraining on {what} that are not held out (no labels)", flush=True)
-    pre_summary = pretrain(pre_cfg)
+    pre_summary = pretrain(pre_cfg, afresh=afresh)
     last = os.path.join(pre_cfg.output_dir, "last.pt")
     print("== 2/4 conversion of the FCMAE checkpoint to a timm backbone", flush=True)
     raw = load_file(last)
@@ -115,9 +118,9 @@ def stages(pre_cfg: PretrainConfig, ft_cfg: FinetuneConfig, scratch_cfg: Finetun
     write_backbone_export(weights, raw, Path(out) / "encoder-timm.safetensors")
     print("== 3/4 fine-tuning from the FCMAE encoder", flush=True)
     ft_cfg.model.init = last  # converted on the fly (the same weights as the file above, plus a fresh head)
-    pretrained = finetune(ft_cfg)
+    pretrained = finetune(ft_cfg, afresh=afresh)
     print("== 4/4 the same fine-tuning from scratch", flush=True)
-    scratch = finetune(scratch_cfg)
+    scratch = finetune(scratch_cfg, afresh=afresh)
     minutes = (time.time() - t0) / 60
 
     d = ft_cfg.data

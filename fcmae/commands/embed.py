@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from fcmae.data.labeled import eval_transform
     from fcmae.data.transforms import default_stats
     from fcmae.engine.distributed import pick_device
+    from fcmae.export import trained_data
     from fcmae.finetune import encoder_from_checkpoint
 
     # every check before the model runs: output, options, folder, images, checkpoint
@@ -57,14 +58,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not os.path.isfile(args.checkpoint):
         raise ValueError(f"checkpoint {args.checkpoint!r} is not a file")
     raw = load_file(args.checkpoint)
-    encoder, weights = encoder_from_checkpoint(raw)
+    encoder, weights = encoder_from_checkpoint(raw, args.checkpoint)
     p = weights.arch.patch_size  # the encoder's total stride: 32, or 16 / 8 for a smaller stem
     if args.image_size < p or args.image_size % p:
         raise ValueError(f"--image-size {args.image_size} must be a positive multiple of {p}, the checkpoint's patch "
                          f"size (e.g. {max(p, args.image_size // p * p)})")
     device = pick_device(args.device, 0)
     in_chans = weights.arch.in_chans
-    run_data = ((raw.get("config") or {}).get("data") or {}) if isinstance(raw, dict) else {}
+    run_data = trained_data(raw, args.checkpoint, in_chans)
     d_mean, d_std = default_stats(in_chans)
     mean = run_data.get("mean") or d_mean
     std = run_data.get("std") or d_std

@@ -40,11 +40,12 @@ def checkpoint_data(raw: Any) -> dict[str, Any]:
     if not isinstance(config, dict):
         return {}
     if raw.get("format") == "fcmae":
-        monitor = config.get("monitor") or {}
+        monitor = config.get("monitor") if isinstance(config.get("monitor"), dict) else {}
         data = monitor.get("data") if monitor.get("every_epochs") else None
     else:
         data = config.get("data")
-    return {k: v for k, v in (data or {}).items() if k in DATA_KEYS}
+    # the values are checked as the command's own data.* keys are
+    return {k: v for k, v in (data if isinstance(data, dict) else {}).items() if k in DATA_KEYS}
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     raw = load_file(args.ckpt)
     trained = inherit_data(checkpoint_data(raw), given.get("data") or {})
     cfg = config_from(KnnConfig, merge({"data": trained}, given), args.overrides)
-    encoder, weights = encoder_from_checkpoint(raw)
+    encoder, weights = encoder_from_checkpoint(raw, args.ckpt)
     splits = probe_splits(cfg.data, weights.arch.in_chans)  # fails on bad data before any forward
     check_neighbours(cfg.k, len(splits.train))
     device = pick_device(cfg.device, 0)

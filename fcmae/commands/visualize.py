@@ -29,10 +29,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from convnextv2.checkpoint import load_file
     from fcmae.data.decode import decode_image
     from fcmae.data.transforms import default_stats, eval_transform
-    from fcmae.engine.checkpoint import load_checkpoint
     from fcmae.engine.config import check_at_least, check_fraction, check_seed, check_writable_file
+    from fcmae.export import trained_data
+    from fcmae.headers import FCMAE_FORMAT as FORMAT, MODEL_ARGS, check_model_state
     from fcmae.masking import random_mask
 
     out = Path(args.out)
@@ -42,16 +44,19 @@ def run(args: argparse.Namespace) -> None:
     check_fraction("--mask-ratio", args.mask_ratio)
     check_seed("--seed", args.seed)
     check_writable_file(args.out, "--out")
-    ckpt = load_checkpoint(args.checkpoint)
-    if ckpt.get("format") != "fcmae" or "model_args" not in ckpt:
-        what = "a fine-tuned classifier" if ckpt.get("format") == "fcmae-finetune" else "not an FCMAE checkpoint"
+    ckpt = load_file(args.checkpoint)
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if fmt != FORMAT or not isinstance(ckpt.get("model_args"), dict):
+        what = "a fine-tuned classifier" if fmt == "fcmae-finetune" else "not an FCMAE checkpoint"
         raise ValueError(f"{args.checkpoint!r} is {what}; visualize draws reconstructions, which need the FCMAE "
                          "decoder: give a pretraining checkpoint (a `fcmae pretrain` run's last.pt)")
-    margs = dict(ckpt["model_args"])
+    check_model_state(ckpt.get("model"), FORMAT, ckpt["model_args"], repr(args.checkpoint))  # before any use
+    margs = {k: v for k, v in ckpt["model_args"].items() if k in MODEL_ARGS[FORMAT]}
     if args.mask_ratio is not None:
         margs["mask_ratio"] = args.mask_ratio
-    data_cfg = ckpt.get("config", {}).get("data", {})
-    size = args.size if args.size is not None else data_cfg.get("image_size", 224)
+    data_cfg = trained_data(ckpt, repr(args.checkpoint), margs.get("in_chans", 3))
+    trained = data_cfg.get("image_size")
+    size = args.size if args.size is not None else (trained if isinstance(trained, int) and trained > 0 else 224)
     model = FCMAE(**margs)  # checkpoints from before model.patch_size have none: 32
     model.load_state_dict(ckpt["model"])
     if size % model.patch_size:

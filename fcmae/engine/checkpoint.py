@@ -1,4 +1,6 @@
-"""Training checkpoints: atomic writes (temp file in the same folder + os.replace) and safe loading."""
+"""Training checkpoints: atomic writes (temp file in the same folder + os.replace), previous.pt and its rollback.
+
+(Reading one is convnextv2.checkpoint.load_file, checked by fcmae.engine.resume.)"""
 from __future__ import annotations
 
 import contextlib
@@ -73,17 +75,6 @@ def remove_stale_temps(folder: str) -> list[str]:
     for f in stale:
         os.remove(f)
     return stale
-
-
-def load_checkpoint(path: str) -> dict[str, Any]:
-    """weights_only load (no code runs from the file); ValueError naming the file when it is not a checkpoint."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path!r} ({type(e).__name__}: {e}); give another file to resume=") from e
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ValueError(f"{path!r} is not a training checkpoint (no 'model' entry)")
-    return ckpt
 
 
 def resume_path(output_dir: str, resume: str | None) -> str | None:

@@ -29,7 +29,8 @@ from fcmae.engine import checkpoint as ckpt_io
 from fcmae.engine.config import RunConfig
 from fcmae.engine.distributed import DistInfo, all_reduce_sum
 from fcmae.engine.metrics import MetricsLogger, format_eta, progress_bar
-from fcmae.engine.optim import build_adamw, cosine_lr, load_optimizer_state, scaled_lr, set_lr, skips_on_device
+from fcmae.engine.optim import (build_adamw, check_optimizer_state, cosine_lr, load_optimizer_state, scaled_lr, set_lr,
+                                skips_on_device)
 from fcmae.engine.resume import check_same_run, complete, complete_message, prepare_resume
 from fcmae.engine.rundir import RunDir, claim
 from fcmae.engine.stop import Interrupted, StopSignals
@@ -257,7 +258,9 @@ def train(cfg: RunConfig, task: Task, info: DistInfo,
     """
     header = task.checkpoint_header()
     if run_dir is None:
-        resume = resume if resume is not None else prepare_resume(cfg.output_dir, cfg.resume, header)
+        if resume is None:
+            shapes = {k: v.shape for k, v in task.model.state_dict().items()}
+            resume = prepare_resume(cfg.output_dir, cfg.resume, header, shapes)
         claimed = claim(cfg, info, resume, header, getattr(task, "outputs", ()))
         try:
             return train(cfg, task, info, on_loss, resume, claimed)
@@ -302,6 +305,10 @@ class _Run:
 
     def restore(self, path: str, state: dict[str, Any]) -> dict[str, Any] | None:
         """Load a checkpoint's weights, optimizer, counters and RNG. -> the summary when it finished the run already."""
+        # the tensors were checked when the checkpoint was read (resume.prepare_resume); the moments' shapes need
+        # this run's optimizer
+        names = {id(p): n for n, p in self.task.model.named_parameters()}
+        check_optimizer_state(self.optimizer, state["optimizer"], path, names)
         self.task.model.load_state_dict(state["model"])
         load_optimizer_state(self.optimizer, state["optimizer"])
         if state.get("scaler"):

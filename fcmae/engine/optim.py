@@ -43,9 +43,30 @@ def build_adamw(groups: list[dict], lr: float, betas: tuple[float, float],
                              foreach=None if fused else True)
 
 
+def check_optimizer_state(optimizer: torch.optim.Optimizer, state: dict, where: str,
+                          names: dict[int, str] | None = None) -> None:
+    """ValueError (one line) unless `state` (an optimizer state_dict) has this optimizer's parameter groups and every
+    moment the shape of its parameter. names: id(parameter) -> its name, for the message."""
+    have = [len(g["params"]) for g in state["param_groups"]]
+    want = [len(g["params"]) for g in optimizer.param_groups]
+    if have != want:
+        raise ValueError(f"{where}: its optimizer state has parameter groups of {have} parameters, this run's "
+                         f"optimizer {want}: it was written for another model or by another version; resume with "
+                         "the settings that wrote it, or start afresh in another output_dir")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for index, param in zip((i for g in state["param_groups"] for i in g["params"]), params):
+        for key, moment in (state["state"].get(index) or {}).items():
+            if isinstance(moment, torch.Tensor) and moment.ndim and moment.shape != param.shape:
+                name = (names or {}).get(id(param), f"parameter {index}")
+                raise ValueError(f"{where}: its optimizer's {key} of {name} has shape {tuple(moment.shape)}, the "
+                                 f"parameter {tuple(param.shape)}: the optimizer state does not belong to these "
+                                 "weights (an edited or mixed-up file); resume from an earlier checkpoint")
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
-    """`optimizer.load_state_dict(state)`, keeping this run's kernel choice: a state_dict carries the `fused` /
-    `foreach` flags it was written with (maybe on another device, or by an older version), and loading restores them."""
+    """`optimizer.load_state_dict(state)` (check it first: `check_optimizer_state`), keeping this run's kernel choice:
+    a state_dict carries the `fused` / `foreach` flags it was written with (maybe on another device, or by an older
+    version), and loading restores them."""
     kernels = [(g.get("fused"), g.get("foreach")) for g in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for group, (fused, foreach) in zip(optimizer.param_groups, kernels):

@@ -11,67 +11,97 @@ import os
 import socket
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from fcmae.engine import checkpoint as ckpt_io
 from fcmae.engine.distributed import DistInfo
+from fcmae.engine.training_state import check_training_tensors, damage
 
 TRAINING_KEYS = ("model", "optimizer", "epoch", "step")
 KINDS = {"fcmae": "an FCMAE pretraining", "fcmae-finetune": "a fine-tuning"}
 CONFIG_KEYS = {"encoder_name": "model.name"}  # header model_args name -> config key (others: model.<name>)
 
 
-def where_from(path: str, explicit: bool) -> str:
-    return f"resume={path!r}" if explicit else f"output_dir={os.path.dirname(path) or '.'!r} (its {ckpt_io.LAST})"
+def where_from(path: str, explicit: bool, afresh: str | None = None) -> str:
+    if explicit:
+        return f"resume={path!r}"
+    return repr(path) if afresh else f"output_dir={os.path.dirname(path) or '.'!r} (its {ckpt_io.LAST})"
 
 
-def read_training_checkpoint(path: str, explicit: bool) -> dict[str, Any]:
+def _afresh(afresh: str | None) -> str:
+    """How to start afresh when {output_dir}/last.pt cannot be resumed: `afresh` (a command's own options) or
+    pretrain / finetune's."""
+    return afresh or "move it away to start afresh, or resume from an earlier checkpoint with resume=PATH"
+
+
+def read_training_checkpoint(path: str, explicit: bool, afresh: str | None = None) -> dict[str, Any]:
     """Load (weights_only / safetensors) a checkpoint to resume from; ValueError (one line) when it is unreadable or
-    not an fcmae training checkpoint. explicit: it came from `resume=` (else it is {output_dir}/last.pt)."""
+    not an fcmae training checkpoint. explicit: it came from `resume=` (else it is {output_dir}/last.pt); afresh:
+    what the command that runs offers to start afresh (default: pretrain / finetune's keys)."""
     from convnextv2.checkpoint import CheckpointError, load_file
 
     try:
         state = load_file(path)
     except CheckpointError as e:
-        fix = "" if explicit else ("; to start afresh move it away, or resume from an older checkpoint with "
-                                   "resume=PATH (e.g. a checkpoint-epochN.pt)")
+        fix = "" if explicit else (f"; {afresh}" if afresh else (
+            "; to start afresh move it away, or resume from an older checkpoint with resume=PATH (e.g. a "
+            "checkpoint-epochN.pt)"))
         raise ValueError(f"cannot resume: {e}{fix}") from None
     if not isinstance(state, dict) or any(k not in state for k in TRAINING_KEYS):
+        fix = afresh if afresh and not explicit else (
+            f"resume= continues such runs only: to start from these weights, use model.init={path} instead")
         raise ValueError(
-            f"{where_from(path, explicit)} is not an fcmae training checkpoint (the last.pt of a pretrain or finetune "
-            f"run, with optimizer state and counters); resume= continues such runs only: to start from these "
-            f"weights, use model.init={path} instead"
+            f"{where_from(path, explicit, afresh)} is not an fcmae training checkpoint (the last.pt of a pretrain or "
+            f"finetune run, with optimizer state and counters); {fix}"
         )
     return state
 
 
-def check_same_run(state: dict[str, Any], header: dict[str, Any], path: str, explicit: bool) -> None:
+def check_same_run(state: dict[str, Any], header: dict[str, Any], path: str, explicit: bool,
+                   afresh: str | None = None) -> None:
     """ValueError (one line: what differs, what to do) unless `state` was written by a run of the same kind and model
-    as `header` (the header this run writes; a None value in header['model_args'] is not known yet: not compared)."""
-    where = where_from(path, explicit)
+    as `header` (the header this run writes; a None value in header['model_args'] is not known yet: not compared).
+    afresh: what the command that runs offers to start afresh (default: pretrain / finetune's keys)."""
+    where = where_from(path, explicit, afresh)
     have, want = state.get("format"), header.get("format")
     if have != want:
         what = KINDS.get(have, f"a {have!r}-format" if have else "an unknown")
         fix = "choose another output_dir for this run" if not explicit else "give a checkpoint of this kind of run"
-        if want == "fcmae-finetune" and have == "fcmae":
+        if afresh and not explicit:
+            fix = afresh
+        elif want == "fcmae-finetune" and have == "fcmae":
             fix += f" and start from the pretrained weights with model.init={path}"
         raise ValueError(f"{where} holds {what} run, but this is {KINDS.get(want, want)}: {fix}")
-    found, wanted = state.get("model_args") or {}, header.get("model_args") or {}
+    found, wanted = state.get("model_args"), header.get("model_args") or {}
+    found = found if isinstance(found, dict) else {}  # not a mapping: `damage` says so
     diffs = [f"{CONFIG_KEYS.get(k, 'model.' + k)}: {found[k]!r} in the existing run, {v!r} now"
              for k, v in wanted.items() if v is not None and k in found and found[k] != v]
     if diffs:
         fix = ("choose another output_dir for the new model, or rerun with the existing run's values to resume it"
                if not explicit else "resume with the checkpoint's values, or use model.init to start from its weights")
+        fix = afresh if afresh and not explicit else fix
         raise ValueError(f"{where} holds a run of another model ({'; '.join(diffs)}): {fix}")
 
 
-def prepare_resume(output_dir: str, resume: str | None, header: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
-    """The checkpoint to resume from, loaded and checked against `header`, as (path, state); None for a fresh run."""
+def prepare_resume(output_dir: str, resume: str | None, header: dict[str, Any],
+                   shapes: dict[str, torch.Size] | None = None, afresh: str | None = None
+                   ) -> tuple[str, dict[str, Any]] | None:
+    """The checkpoint to resume from, loaded and checked against `header` (the same kind of run and model) and
+    its tensors checked (`check_training_tensors`; shapes: the live model's, when there is one), as (path, state);
+    None for a fresh run. afresh: what the command that runs offers to start afresh, said when {output_dir}/last.pt
+    cannot be resumed (default: pretrain / finetune's keys)."""
     path = ckpt_io.resume_path(output_dir, resume)
     if path is None:
         return None
-    state = read_training_checkpoint(path, explicit=bool(resume))
-    check_same_run(state, header, path, explicit=bool(resume))
+    state = read_training_checkpoint(path, bool(resume), afresh)
+    check_same_run(state, header, path, bool(resume), afresh)
+    where = where_from(path, bool(resume), afresh)
+    fix = "resume from an earlier checkpoint" if resume else _afresh(afresh)
+    problem = damage(state)
+    if problem is not None:
+        raise ValueError(f"{where} is a damaged training checkpoint: {problem}; {fix}")
+    check_training_tensors(state, header, where, shapes, fix)
     return path, state
 
 
