@@ -59,8 +59,9 @@ head -1 "$WORK/env.txt"
 DEVNAME=$(tail -1 "$WORK/env.txt")
 
 if [ "$DRY" = 1 ]; then  # the logic, not the numbers
+  # patch 32 as the bench's (auto would pick 16 at 64 px, whose loss barely moves in two tiny epochs)
   DEV=cpu DTYPE=fp32 SIZE=64 BATCH=4 STEPS=1 WARMUP=0 WORKERS=1 MODEL=convnextv2_atto MORE=(convnextv2_atto)
-  DEC=(--decoder-dim 32) EXTRA=(model.decoder_dim=32) N_PRE=24 JPEG_W=96 JPEG_H=72 EPOCHS=2
+  DEC=(--decoder-dim 32) EXTRA=(model.decoder_dim=32 model.patch_size=32) N_PRE=24 JPEG_W=96 JPEG_H=72 EPOCHS=2
 else
   DEV=cuda DTYPE=bf16 SIZE=224 BATCH=64 STEPS=20 WARMUP=3 WORKERS=14 MODEL=convnextv2_base
   MORE=(convnextv2_tiny convnextv2_large) DEC=() EXTRA=() N_PRE=1536 JPEG_W=500 JPEG_H=375 EPOCHS=8

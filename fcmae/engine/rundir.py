@@ -21,6 +21,7 @@ import time
 from fnmatch import fnmatchcase
 from typing import Any, Sequence
 
+from convnextv2.checkpoint.io import writing
 from fcmae.config import save_config, to_dict
 from fcmae.engine import checkpoint as ckpt_io
 from fcmae.engine.changes import Change, resume_changes
@@ -78,7 +79,7 @@ class RunDir:
                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "host": socket.gethostname(), "pid": os.getpid(),
                "changes": {c.key: {"old": c.old, "new": c.new, "accepted": c.accepted} for c in self.changes},
                "config": to_dict(cfg)}
-        with open(path, "a") as f:
+        with writing(path), open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
 
     def release(self) -> None:
