@@ -136,21 +136,26 @@ def save_checked(program, dst: Path, metadata: dict[str, str], model: nn.Module,
     """Save `program` with `metadata` into a temp folder beside dst, check it with onnxruntime on x, then move it into
     place (weights over 2 GB go to DST.data, as the exporter names them; the .onnx moves last): a reader never sees
     half an export, a failed check leaves nothing -> the checked error."""
+    from convnextv2.checkpoint.io import TMP_PREFIX, writing
+
     program.model.metadata_props.update(metadata)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent)
+    with writing(dst):  # a full disk, a read-only folder: one WriteError naming DST
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{dst.name}.", dir=dst.parent)
     try:
         path = os.path.join(tmp, dst.name)
-        program.save(path)
+        with writing(dst):
+            program.save(path)
         err = onnxruntime_error(path, model, x)
         if not err <= CHECK_TOLERANCE:
             raise ValueError(f"the ONNX export of {dst.name} differs from torch by {err:.2g} (relative) in "
                              "onnxruntime; nothing written: please report it with the versions of torch, onnxscript "
                              "and onnxruntime")
-        for name in sorted(os.listdir(tmp), key=lambda n: n == dst.name):
-            with open(os.path.join(tmp, name), "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(os.path.join(tmp, name), dst.parent / name)
+        with writing(dst):
+            for name in sorted(os.listdir(tmp), key=lambda n: n == dst.name):
+                with open(os.path.join(tmp, name), "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(os.path.join(tmp, name), dst.parent / name)
         return err
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -129,3 +129,40 @@ def test_data_wait_share(tmp_path, capsys, delay, low, high):
     assert all(low <= s <= high for s in shares), shares
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("epoch 1/1"))
     assert f"data wait {100 * shares[-1]:.0f}%" in line
+
+
+def test_checkpoint_housekeeping_touches_only_its_own_files(tmp_path):
+    """remove_stale_temps deletes fcmae's temp files and folders only; rollback_last reads previous.pt safely and,
+    when it is damaged, leaves no last.pt to resume from instead of a traceback."""
+    from convnextv2.checkpoint.io import TMP_PREFIX
+    from fcmae.engine import checkpoint as ckpt_io
+
+    (tmp_path / f"{TMP_PREFIX}last.pt.123").write_bytes(b"half")
+    (tmp_path / f"{TMP_PREFIX}model.1a2b").mkdir()  # a folder output being assembled when its process died
+    (tmp_path / f"{TMP_PREFIX}model.1a2b" / "config.json").write_text("{}")
+    (tmp_path / ".draft.tmp-1").write_text("the user's")
+    assert len(ckpt_io.remove_stale_temps(str(tmp_path))) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".draft.tmp-1"]
+
+    ckpt_io.save_atomic({"step": torch.tensor(4), "model": {}}, str(tmp_path / ckpt_io.LAST))
+    ckpt_io.save_atomic({"step": 3, "model": {}}, str(tmp_path / ckpt_io.PREVIOUS))
+    assert ckpt_io.rollback_last(str(tmp_path)) == 3 and not (tmp_path / ckpt_io.PREVIOUS).exists()
+    ckpt_io.save_last({"step": 5, "model": {}}, str(tmp_path / ckpt_io.LAST))  # keeps the step-3 file as previous
+    (tmp_path / ckpt_io.PREVIOUS).unlink()
+    (tmp_path / ckpt_io.PREVIOUS).write_bytes(b"PK\x03\x04 cut short")
+    assert ckpt_io.rollback_last(str(tmp_path)) is None and not (tmp_path / ckpt_io.LAST).exists()
+
+
+@pytest.mark.parametrize("resume, last_step, advice", [
+    (None, 8, "runs/x/last.pt holds step 8: rerun the same command to resume"),
+    ("/old/last.pt", 8, "runs/x/last.pt holds step 8: rerun the same command without resume= to resume"),
+    ("/old/last.pt", None, "no checkpoint was written yet: rerun the same command to start again"),
+])
+def test_a_stopped_run_names_the_rerun_that_continues_it(resume, last_step, advice):
+    """With resume= the same command would go back to that file, past the steps this run saved in its own last.pt."""
+    from types import SimpleNamespace
+
+    from fcmae.engine.loop import _Run
+
+    run = SimpleNamespace(main=True, out="runs/x", last_step=last_step, cfg=SimpleNamespace(resume=resume))
+    assert _Run._kept(run) == advice

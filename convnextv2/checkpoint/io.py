@@ -231,7 +231,7 @@ def atomic_folder(dst: str | os.PathLike) -> Iterator[Path]:
     dst = Path(dst)
     with writing(dst):
         dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{dst.name}.", dir=dst.parent))
     try:
         try:
             yield tmp

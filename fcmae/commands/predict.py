@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from convnextv2.encoder import encoder_patch_size
     from fcmae.config import config_from
     from fcmae.data.image_list import ImageList
+    from fcmae.engine.config import check_at_least
     from fcmae.engine.distributed import pick_device
     from fcmae.engine.loop import amp_dtype
     from fcmae.evaluate import checkpoint_path, classifier_transform, read_classifier
@@ -48,8 +49,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out = check_out(args.out)
     for flag, value, least in (("--topk", args.topk, 1), ("--batch-size", args.batch_size, 1),
                                ("--num-workers", args.num_workers, 0)):
-        if value < least:
-            raise ValueError(f"{flag} must be >= {least}, got {value}")
+        check_at_least(flag, value, least)
     files = list_inputs(args.paths)
     model, meta, trained, said = read_classifier(checkpoint_path(args.ckpt), args.ema)
     if said:

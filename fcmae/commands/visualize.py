@@ -74,6 +74,5 @@ def run(args: argparse.Namespace) -> None:
     x = torch.stack(imgs)
     g = torch.Generator().manual_seed(args.seed)
     mask = random_mask(len(x), (size // model.patch_size,) * 2, model.mask_ratio, generator=g)
-    out.parent.mkdir(parents=True, exist_ok=True)
     save_grid(model, x, mask, mean, std, str(out))
     print(f"wrote {args.out} ({len(x)} rows: original | masked | prediction | prediction + visible)")

@@ -15,7 +15,7 @@ import webdataset as wds
 from webdataset.handlers import reraise_exception
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from fcmae.engine.loop import DataReadError
+from fcmae.engine.errors import DataReadError
 
 # curl's exit codes (`man curl`, EXIT CODES) that a shard server going away produces
 CURL_EXITS = {6: "could not resolve the host", 7: "could not connect", 18: "the transfer ended early",

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from convnextv2.checkpoint.io import TMP_PREFIX, temp_path, torch_save, writing
+from convnextv2.checkpoint.io import TMP_PREFIX, load_file, temp_path, torch_save, writing
 
 LAST = "last.pt"
 PREVIOUS = "previous.pt"  # the last.pt before the newest: what a NaN stop rolls back to
@@ -43,16 +43,15 @@ def save_last(obj: dict[str, Any], path: str) -> None:
     if os.path.isfile(path) and not (os.path.isfile(previous) and os.path.samefile(path, previous)):
         tmp = temp_path(previous)
         try:
-            os.link(path, tmp)
-        except OSError:  # a filesystem without hard links: copy (a failed copy leaves no half file)
-            try:
-                with writing(previous):
+            with writing(previous):
+                try:
+                    os.link(path, tmp)
+                except OSError:  # a filesystem without hard links: copy
                     shutil.copyfile(path, tmp)
-            except OSError:
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(tmp)
-                raise
-        os.replace(tmp, previous)
+                os.replace(tmp, previous)
+        finally:  # a failed copy or rename leaves no temp behind
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(tmp)
     save_atomic(obj, path)
 
 
@@ -63,7 +62,11 @@ def rollback_last(folder: str) -> int | None:
         if os.path.exists(last):
             os.remove(last)
         return None
-    step = int(torch.load(prev, map_location="cpu", weights_only=True)["step"])
+    try:  # only this run wrote it, but it is read as any file is: safely, and a damaged one is no place to resume
+        step = int(load_file(prev)["step"])
+    except (ValueError, KeyError, TypeError):
+        os.remove(last)
+        return None
     os.replace(prev, last)
     return step
 
@@ -73,7 +76,10 @@ def remove_stale_temps(folder: str) -> list[str]:
     fcmae's TMP_PREFIX, so a user's own `.draft.tmp-1` stays. Called by the run that holds the folder's lock."""
     stale = glob.glob(os.path.join(glob.escape(folder), f"{TMP_PREFIX}*"))
     for f in stale:
-        os.remove(f)
+        if os.path.isdir(f) and not os.path.islink(f):  # a folder output being assembled (atomic_folder)
+            shutil.rmtree(f, ignore_errors=True)
+        else:
+            os.remove(f)
     return stale
 
 

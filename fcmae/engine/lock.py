@@ -21,6 +21,8 @@ import socket
 import sys
 import time
 
+from convnextv2.checkpoint.io import writing
+
 LOCK_NAME = ".fcmae-lock"
 HELD = (errno.EACCES, errno.EAGAIN)  # what lockf says when another process holds the lock
 NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # a filesystem that cannot lock
@@ -76,8 +78,9 @@ class RunLock:
         closing the file again would drop a POSIX lock."""
         holder = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                              "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode() + b"\n"
-        os.pwrite(self.fd, holder, 0)
-        os.ftruncate(self.fd, len(holder))
+        with writing(self.path):  # a full disk: one line naming the lock file
+            os.pwrite(self.fd, holder, 0)
+            os.ftruncate(self.fd, len(holder))
 
     def release(self) -> None:
         """Close the file, which drops the lock (the file stays: see the module docstring)."""

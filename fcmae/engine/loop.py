@@ -28,6 +28,7 @@ from fcmae.config import to_dict
 from fcmae.engine import checkpoint as ckpt_io
 from fcmae.engine.config import RunConfig
 from fcmae.engine.distributed import DistInfo, all_reduce_sum
+from fcmae.engine.errors import DataReadError
 from fcmae.engine.metrics import MetricsLogger, format_eta, progress_bar
 from fcmae.engine.optim import (build_adamw, check_optimizer_state, cosine_lr, load_optimizer_state, scaled_lr, set_lr,
                                 skips_on_device)
@@ -39,18 +40,6 @@ from fcmae.engine.stop import Interrupted, StopSignals
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN/inf; training stopped before the optimizer step. `last.pt` is left holding weights that
     gave a finite loss (rolled back to the checkpoint before it when it was the one that diverged)."""
-
-
-class DataReadError(OSError):
-    """The training data stopped arriving mid-run (a shard server gone, a `pipe:` command that failed); the message
-    names the source. `fix` ends the message's advice: 'rerun the same command to resume once <fix>'."""
-
-    def __init__(self, message: str, fix: str = "the data can be read again"):
-        super().__init__(message)
-        self.fix = fix
-
-    def __reduce__(self):  # from a DataLoader worker to the main process, message and fix intact
-        return type(self), (str(self), self.fix)
 
 
 class Task(Protocol):
@@ -339,15 +328,16 @@ class _Run:
         self.ddp = DistributedDataParallel(self.model, device_ids=[self.device.index] if self.device.type == "cuda"
                                            else None) if info.distributed else self.model
         self.forward_model = torch.compile(self.ddp) if cfg.compile else self.ddp
-        # a fresh start drops the rows of an earlier attempt that wrote no checkpoint (its steps are replayed)
-        self.logger = MetricsLogger(self.out, enabled=self.main, tensorboard=cfg.log.tensorboard,
-                                    resume_step=self.progress.step if resumed else -1, config=cfg)
         self.run_t0, self.run_steps0 = time.time(), self.progress.step
         self.lr = cosine_lr(self.progress.step, self.total_steps, self.warmup_steps, self.base_lr, cfg.optim.min_lr)
         self.stop = StopSignals.installed()  # a command's Ctrl-C / SIGTERM handlers (None: a library call)
         self.bar = None  # the epoch's progress bar
+        self.logger: MetricsLogger | None = None
         summary: dict[str, Any] = {"skipped": 0}
         try:
+            # a fresh start drops the rows of an earlier attempt that wrote no checkpoint (its steps are replayed)
+            self.logger = MetricsLogger(self.out, enabled=self.main, tensorboard=cfg.log.tensorboard,
+                                        resume_step=self.progress.step if resumed else -1, config=cfg)
             start = _hook(self.task, "start")
             if self.main and start is not None:
                 baseline = start(resumed)
@@ -364,12 +354,17 @@ class _Run:
                 finish = _hook(self.task, "finish")
                 self.logger.log_outputs({"checkpoint": os.path.join(self.out, ckpt_io.LAST),
                                          **(finish() if finish is not None else {})})
+            logger, self.logger = self.logger, None
+            logger.close("finished")
         except BaseException as e:
             if self.bar is not None:  # cleared: the line saying what happened starts on a line of its own
                 self.bar.close()
-            self.logger.close(quiet=True)  # the error in flight says what went wrong
-            raise self._explained(e) from None
-        self.logger.close()
+            if self.logger is not None:  # the error in flight says what went wrong: the logger's own are ignored
+                self.logger.close("killed" if isinstance(e, KeyboardInterrupt) else "failed", quiet=True)
+            explained = self._explained(e)
+            if explained is e:
+                raise
+            raise explained from None
         summary.setdefault("step", self.progress.step)
         summary.setdefault("epoch", self.progress.epoch)
         return summary
@@ -432,12 +427,14 @@ class _Run:
         return Interrupted(signum, f"at epoch {epoch + 1}, step {self.progress.step}; {self._kept()}")
 
     def _kept(self) -> str:
-        """What a rerun of the same command starts from."""
+        """What a rerun of the same command starts from (a rerun with `resume=` would go back to that file: once this
+        run wrote its own last.pt, the rerun leaves resume= out)."""
         if not self.main:
             return f"process {self.info.rank} of {self.info.world_size}; process 0 says what last.pt holds"
         if self.last_step is None:
             return "no checkpoint was written yet: rerun the same command to start again"
-        return f"{os.path.join(self.out, ckpt_io.LAST)} holds step {self.last_step}: rerun the same command to resume"
+        rerun = "rerun the same command" + (" without resume=" if self.cfg.resume else "")
+        return f"{os.path.join(self.out, ckpt_io.LAST)} holds step {self.last_step}: {rerun} to resume"
 
     def _explained(self, e: BaseException) -> BaseException:
         """An interruption or a failed write (a full disk) that stopped training, with what last.pt holds and how to

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -111,27 +110,25 @@ class MetricsLogger:
         if not isinstance(args.thread, _AsyncWriterThread):
             self.previous_excepthook(args)
 
-    def close(self, quiet: bool = False) -> None:
-        """Flush and close TensorBoard, and end the tracked runs. quiet: ignore TensorBoard's errors (another error,
-        in flight, says what went wrong)."""
-        # called while an exception is handled when the training did not finish: it sets the trackers' status
-        error = sys.exc_info()[1]
-        status = ("finished" if error is None else "killed" if isinstance(error, (KeyboardInterrupt, SystemExit))
-                  else "failed")
+    def close(self, status: str = "finished", quiet: bool = False) -> None:
+        """Flush and close TensorBoard, then end the tracked runs with `status` (finished | failed | killed): failed
+        when TensorBoard cannot be flushed. quiet: ignore TensorBoard's errors (another error, in flight, says what
+        went wrong)."""
         trackers, self.trackers = self.trackers, []
-        for tracker in trackers:
-            tracker.close(status)
-        if self.tb is None:
-            return
         tb, self.tb = self.tb, None
         try:
-            with writing(self.tb_dir):
-                tb.close()
+            if tb is not None:
+                with writing(self.tb_dir):
+                    tb.close()
         except OSError:
+            status = "failed"
             if not quiet:
                 raise
         finally:
-            threading.excepthook = self.previous_excepthook
+            if tb is not None:
+                threading.excepthook = self.previous_excepthook
+            for tracker in trackers:
+                tracker.close(status)
 
 
 def progress_bar(total: int, initial: int, desc: str, enabled: bool) -> tqdm:

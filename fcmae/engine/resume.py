@@ -32,7 +32,8 @@ def where_from(path: str, explicit: bool, afresh: str | None = None) -> str:
 def _afresh(afresh: str | None) -> str:
     """How to start afresh when {output_dir}/last.pt cannot be resumed: `afresh` (a command's own options) or
     pretrain / finetune's."""
-    return afresh or "move it away to start afresh, or resume from an earlier checkpoint with resume=PATH"
+    return afresh or ("to start afresh move it away, or resume from an earlier checkpoint with resume=PATH (e.g. a "
+                      "checkpoint-epochN.pt)")
 
 
 def read_training_checkpoint(path: str, explicit: bool, afresh: str | None = None) -> dict[str, Any]:
@@ -44,9 +45,7 @@ def read_training_checkpoint(path: str, explicit: bool, afresh: str | None = Non
     try:
         state = load_file(path)
     except CheckpointError as e:
-        fix = "" if explicit else (f"; {afresh}" if afresh else (
-            "; to start afresh move it away, or resume from an older checkpoint with resume=PATH (e.g. a "
-            "checkpoint-epochN.pt)"))
+        fix = "" if explicit else f"; {_afresh(afresh)}"
         raise ValueError(f"cannot resume: {e}{fix}") from None
     if not isinstance(state, dict) or any(k not in state for k in TRAINING_KEYS):
         fix = afresh if afresh and not explicit else (

@@ -30,7 +30,7 @@ from fcmae.engine.lock import LOCK_NAME, RunLock
 
 HISTORY = "config-history.jsonl"  # one line per segment of the run: its start, its config, what changed
 RUN_NAMES = ("config.yaml", HISTORY, "metrics.jsonl", "tb", ckpt_io.LAST, ckpt_io.PREVIOUS, "checkpoint-epoch*.pt",
-             "trackers.json")
+             "trackers.json", "wandb")
 
 
 def taken_names(folder: str, outputs: Sequence[str]) -> list[str]:

@@ -17,10 +17,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from convnextv2.checkpoint.io import atomic_write
+from convnextv2.checkpoint.convert import write_json
 
 if TYPE_CHECKING:
     from fcmae.engine.config import RunConfig
@@ -102,7 +101,7 @@ def read_state(output_dir: str) -> dict[str, Any]:
 
 
 def write_state(output_dir: str, state: dict[str, Any]) -> None:
-    atomic_write(os.path.join(output_dir, STATE), lambda tmp: Path(tmp).write_text(json.dumps(state, indent=1)))
+    write_json(os.path.join(output_dir, STATE), state)
 
 
 def open_trackers(cfg: RunConfig, resumed: bool, logged_until: dict[str, int]) -> list[Guarded]:
