@@ -15,12 +15,11 @@ from torch import nn
 
 from convnextv2 import visible_patches
 from fcmae.data.device import to_device_async
-from fcmae.engine import checkpoint as ckpt_io
 from fcmae.engine.config import check_global_batch
 from fcmae.engine.distributed import DistInfo, cleanup_distributed, init_distributed
 from fcmae.engine.loop import train
 from fcmae.engine.metrics import ImageFile
-from fcmae.engine.resume import check_same_resume_everywhere, complete, complete_message, prepare_resume
+from fcmae.engine.resume import check_same_resume_everywhere, complete, finished_run, prepare_resume
 from fcmae.engine.rundir import claim
 from fcmae.engine.optim import param_groups
 from fcmae.engine.seeds import derive_seed
@@ -204,10 +203,7 @@ def pretrain(cfg: PretrainConfig, on_loss: Callable[[int, torch.Tensor], torch.T
         check_same_resume_everywhere(resume, info)  # before data: every node must see the same checkpoint
         run_dir = claim(cfg, info, resume, header, PretrainTask.outputs)  # locked; nothing written yet
         if resume is not None and complete(resume[1], cfg.optim.epochs):  # a finished run: no data to load
-            if info.is_main:
-                ckpt_io.remove_stale_temps(cfg.output_dir)  # what a process killed mid-write left: never resumed from
-                print(complete_message(cfg.output_dir, resume[1], cfg.optim.epochs), flush=True)
-            return {"epoch": resume[1]["epoch"], "step": resume[1]["step"], "skipped": 0, "complete": True}
+            return finished_run(cfg.output_dir, resume[1], cfg.optim.epochs, info.is_main)
         torch.manual_seed(derive_seed(cfg.seed, info.rank))  # per-rank seed for anything not derived explicitly
         task = PretrainTask(cfg, info, resuming=resume is not None)
         if info.is_main:

@@ -84,6 +84,13 @@ def test_demo_quick_prints_table(tmp_path):
     png = out.split("reconstructions: ")[1].split()[0]
     assert os.path.isfile(png)
     check_demo_load_lines(out, tmp_path)
+    # the same command again: every stage is complete, says so, and the table is the finished runs' own
+    again = subprocess.run([sys.executable, "-m", "fcmae", "demo", "--quick", "--out", str(tmp_path)],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
+    assert again.stdout.count("nothing to train") == 3
+    rows = [line for line in out.splitlines() if line.startswith(("FCMAE-pretrained", "from scratch", "ConvNeXt V2"))]
+    assert [line for line in again.stdout.splitlines() if line in rows] == rows
 
 
 def check_demo_load_lines(out: str, run: str) -> None:

@@ -32,7 +32,7 @@ from fcmae.engine.errors import DataReadError
 from fcmae.engine.metrics import MetricsLogger, format_eta, progress_bar
 from fcmae.engine.optim import (build_adamw, check_optimizer_state, cosine_lr, load_optimizer_state, scaled_lr, set_lr,
                                 skips_on_device)
-from fcmae.engine.resume import check_same_run, complete, complete_message, prepare_resume
+from fcmae.engine.resume import check_same_run, complete, finished_run, prepare_resume
 from fcmae.engine.rundir import RunDir, claim
 from fcmae.engine.stop import Interrupted, StopSignals
 
@@ -314,10 +314,7 @@ class _Run:
         if self.main and "rng" in state:  # only rank 0's state is saved; others keep their per-rank seeds
             ckpt_io.set_rng_state(state["rng"], self.device)
         if complete(state, self.cfg.optim.epochs):  # nothing to train: say so rather than touch the run's files
-            if self.main:
-                ckpt_io.remove_stale_temps(self.out)  # only what a process killed mid-write left
-                print(complete_message(self.out, state, self.cfg.optim.epochs), flush=True)
-            return {"epoch": p.epoch, "step": p.step, "skipped": 0, "complete": True}
+            return finished_run(self.out, state, self.cfg.optim.epochs, self.main)
         if self.main:
             print(f"resumed from {path}: epoch {p.epoch}, step {p.step}", flush=True)
         return None

@@ -7,6 +7,7 @@ decoder, run kind) must agree; the rest of the config is compared by fcmae.engin
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 from typing import Any
@@ -138,3 +139,25 @@ def complete_message(output_dir: str, state: dict[str, Any], epochs: int, limit:
     return (f"nothing to train: the run in {output_dir} is complete ({state['epoch']} epochs, step {state['step']}; "
             f"optim.epochs={epochs}). Its outputs: {listing}. To train longer, rerun with a larger optim.epochs; "
             "for a new run, choose another output_dir.")
+
+
+def finished_run(output_dir: str, state: dict[str, Any], epochs: int, main: bool) -> dict[str, Any]:
+    """A rerun of a complete run: say so (rank 0; only temp files a killed process left are removed) and return
+    its summary: the counters and the numbers of its last epoch row in metrics.jsonl (loss, top-1, ...)."""
+    if main:
+        ckpt_io.remove_stale_temps(output_dir)
+        print(complete_message(output_dir, state, epochs), flush=True)
+    last: dict[str, Any] = {}
+    try:
+        with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:  # a row cut short
+                    continue
+                if isinstance(row, dict) and row.get("kind") == "epoch":
+                    last = row
+    except OSError:
+        pass
+    numbers = {k: v for k, v in last.items() if isinstance(v, (int, float)) and k not in ("step", "epoch", "time")}
+    return {**numbers, "epoch": int(state["epoch"]), "step": int(state["step"]), "skipped": 0, "complete": True}
