@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -119,3 +120,21 @@ def check_demo_load_lines(out: str, run: str) -> None:
         for i, arm in ((1, "finetune-fcmae"), (2, "finetune-scratch")):
             model, _ = load_classifier(os.path.join(run, arm, "model.safetensors"))
             assert rel_err(torch.load(os.path.join(run, f"out{i}.pt")), model.eval()(x)) <= 1e-6
+
+
+def test_demo_errors_name_the_out_that_continues_it(monkeypatch, tmp_path, capsys):
+    """Without --out every demo starts a new folder, so the stages' "rerun the same command" must name the one holding
+    the runs so far."""
+    from convnextv2.checkpoint.io import WriteError
+    from fcmae.commands import demo
+
+    def full_disk(*args):
+        raise WriteError("cannot write runs/demo/x/pretrain/last.pt: No space left on device; ... holds step 3: "
+                         "rerun the same command to resume")
+
+    monkeypatch.setattr(demo, "stages", full_disk)
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--quick"]) == 1
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "No space left on device" in line
+    assert re.search(r"the same command with --out runs/demo/\d{8}-\d{6}, which holds its runs so far", line), line

@@ -80,6 +80,7 @@ def demo_configs(args: argparse.Namespace, out: str) -> tuple[PretrainConfig, Fi
 
 def run(args: argparse.Namespace) -> dict:
     from fcmae.engine.config import check_at_least, check_seed
+    from fcmae.engine.loop import NonFiniteLossError
     from fcmae.engine.stop import Interrupted
 
     check_at_least("--pretrain-epochs", args.pretrain_epochs, 1)
@@ -92,6 +93,10 @@ def run(args: argparse.Namespace) -> dict:
     except Interrupted as e:  # its stages say "rerun the same command", which starts a new demo: say what is kept
         at = e.where.split(";")[0]
         raise Interrupted(e.signum, f"{at + ' ' if at else ''}during the demo; its runs so far are in {out}") from None
+    except (OSError, NonFiniteLossError) as e:  # a full disk, a NaN stop: "the same command" must name this --out
+        if args.out is None:
+            e.args = (f"{e} (for the demo: the same command with --out {out}, which holds its runs so far)",)
+        raise
 
 
 def stages(pre_cfg: PretrainConfig, ft_cfg: FinetuneConfig, scratch_cfg: FinetuneConfig, out: str) -> dict:
