@@ -11,26 +11,16 @@ from typing import Any
 
 import torch
 
-from convnextv2.checkpoint.io import TMP_PREFIX, load_file, temp_path, torch_save, writing
+from convnextv2.checkpoint.io import TMP_PREFIX, load_file, save_torch, temp_path, writing
 
 LAST = "last.pt"
 PREVIOUS = "previous.pt"  # the last.pt before the newest: what a NaN stop rolls back to
 
 
 def save_atomic(obj: dict[str, Any], path: str) -> None:
-    """torch.save to a temp file next to `path`, fsync, then os.replace: a crash leaves the old file intact. A failed
-    write (a full disk...) raises a WriteError naming `path` and the cause."""
-    tmp = temp_path(path)
-    try:
-        with writing(path):
-            with open(tmp, "wb") as f:
-                torch_save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """torch.save to a temp file next to `path`, fsync, then os.replace (`save_torch`): a crash leaves the old file
+    intact. A failed write (a full disk...) raises a WriteError naming `path` and the cause."""
+    save_torch(obj, path)
 
 
 def save_last(obj: dict[str, Any], path: str) -> None:
