@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from convnextv2.checkpoint import (
-    detect, load_file, read_encoder, save_state_dict, save_torch, timm_classifier_state_dict, timm_metadata, write_hf,
+    EncoderWeights, detect, load_file, read_encoder, save_state_dict, save_torch, timm_classifier_state_dict,
+    timm_metadata, write_hf,
 )
 from convnextv2.checkpoint.convert import require_name
+from convnextv2.checkpoint.io import WEIGHT_SUFFIXES, check_weights_suffix
 from convnextv2.checkpoint.hub import metadata
 from convnextv2.timm_names import load_line
 from fcmae.convert import fcmae_checkpoint, fcmae_from_encoder
@@ -54,14 +56,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    dst = Path(args.dst)
+def check_args(args: argparse.Namespace, dst: Path) -> None:
+    """Every check of the command line, before SRC is read: DST's suffix for --to, the options, a writable DST."""
     check_onnx_args(args.to, dst, args.num_classes)
     if args.to == "fcmae" and dst.suffix not in (".pt", ".pth"):
         raise ValueError(f"an FCMAE checkpoint is a torch file: name it *.pt or *.pth, not {dst.name}")
-    if args.to == "timm" and dst.suffix not in (".safetensors", ".pth", ".pt", ".bin"):
-        raise ValueError(f"cannot tell the file type of {dst}: name it *.safetensors (recommended), *.pth or *.pt")
-    if args.to == "backbone" and dst.suffix not in (".safetensors", ".pth", ".pt", ".bin", ""):
+    if args.to == "timm":
+        check_weights_suffix(dst)
+    if args.to == "backbone" and dst.suffix not in (*WEIGHT_SUFFIXES, ""):
         raise ValueError(f"cannot tell the file type of {dst}: name it *.safetensors (recommended), *.pth or *.pt, "
                          "or give a folder name without suffix")
     if args.to == "backbone" and not dst.suffix and dst.exists() and not dst.is_dir():
@@ -76,6 +78,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         check_writable_dir(args.dst, "DST")
     else:
         check_writable_file(args.dst, "DST")
+
+
+def read_source(args: argparse.Namespace) -> tuple[Any, EncoderWeights]:
+    """SRC (its EMA weights with --ema), read and checked -> (the raw file, its encoder weights under timm keys)."""
     raw = load_file(args.src)
     if args.ema:
         if not (isinstance(raw, dict) and isinstance(raw.get("ema"), dict)):
@@ -85,12 +91,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         weights = read_encoder(detect(raw, args.src), model=args.model)
     trained_data(raw, args.src, weights.arch.in_chans)  # the preprocessing that travels along: checked before writing
-    exports = checkpoint_exports(raw, args.src)  # a fine-tune checkpoint's preprocessing and class names travel along
     how = "as given by --model" if args.model else "inferred from tensor shapes"
     print(f"read {args.src}{' (EMA weights)' if args.ema else ''}: {weights.describe()} ({how})")
     for note in weights.notes:
         print(f"  {note}")
-    name = require_name(weights.arch)
+    return raw, weights
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    dst = Path(args.dst)
+    check_args(args, dst)
+    raw, weights = read_source(args)
+    require_name(weights.arch)
     if args.to == "fcmae":
         model, model_args = fcmae_from_encoder(weights, args.decoder_dim, args.decoder_depth)
         save_torch(fcmae_checkpoint(model, model_args), dst)
@@ -100,24 +112,37 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return write_backbone_export(weights, raw, dst)
     if args.to in ONNX_TARGETS:
         return write_onnx_export(weights, raw, args.src, dst, backbone=args.to == "onnx-backbone")
+    write = write_timm_export if args.to == "timm" else write_hf_export
+    return {"weights": weights, "fresh": write(weights, raw, args.src, dst, args.num_classes)}
+
+
+def write_timm_export(weights: EncoderWeights, raw: Any, src: str, dst: Path, num_classes: int | None) -> list[str]:
+    """--to timm: a timm classifier state_dict (a fine-tune's preprocessing and class names in its metadata); prints
+    its load line -> the fresh keys."""
     arch = weights.arch
-    if args.to == "timm":
-        sd, fresh = timm_classifier_state_dict(weights, args.num_classes)
-        k = int(sd["head.fc.weight"].shape[0]) if "head.fc.weight" in sd else 0
-        hub = exports[0] if exports and k == exports[0]["num_classes"] else None
-        save_state_dict(sd, dst, {**timm_metadata(arch), **(metadata(hub) or {})})
-        scale = " (head.fc init scale 0.001)" if "head.fc.weight" in fresh else ""
-        print(f"wrote {dst}: timm {arch.timm_name} state_dict (patch size {arch.patch_size}), {k} classes; fresh: "
-              f"{_parts(fresh)}{scale}" + ("; with its preprocessing and class names (safetensors metadata)"
-                                           if hub and dst.suffix == ".safetensors" else ""))
-        size = trained_settings(raw, arch.in_chans)[0]
-        print(f"  load: {load_line(name, arch.patch_size, arch.in_chans, str(dst), k, size)}")
-    else:
-        k = args.num_classes if args.num_classes is not None else (
-            int(weights.state_dict["head.fc.weight"].shape[0]) if "head.fc.weight" in weights.state_dict else 1000)
-        labels, pre = (exports[2], exports[1]) if exports and k == exports[0]["num_classes"] else (None, None)
-        fresh = write_hf(weights, dst, args.num_classes, labels=labels, preprocessor=pre)
-        print(f"wrote {dst}: Hugging Face ConvNextV2 state_dict{' + config.json' if not dst.suffix else ''}; "
-              f"fresh: {_parts(fresh)}" + (f"; build it with ConvNextV2Config(patch_size={weights.arch.stem_stride})"
-                                           if weights.arch.stem_stride != 4 else ""))
-    return {"weights": weights, "fresh": fresh}
+    exports = checkpoint_exports(raw, src)
+    sd, fresh = timm_classifier_state_dict(weights, num_classes)
+    k = int(sd["head.fc.weight"].shape[0]) if "head.fc.weight" in sd else 0
+    hub = exports[0] if exports and k == exports[0]["num_classes"] else None
+    save_state_dict(sd, dst, {**timm_metadata(arch), **(metadata(hub) or {})})
+    scale = " (head.fc init scale 0.001)" if "head.fc.weight" in fresh else ""
+    print(f"wrote {dst}: timm {arch.timm_name} state_dict (patch size {arch.patch_size}), {k} classes; fresh: "
+          f"{_parts(fresh)}{scale}" + ("; with its preprocessing and class names (safetensors metadata)"
+                                       if hub and dst.suffix == ".safetensors" else ""))
+    size = trained_settings(raw, arch.in_chans)[0]
+    print(f"  load: {load_line(arch.name, arch.patch_size, arch.in_chans, str(dst), k, size)}")
+    return fresh
+
+
+def write_hf_export(weights: EncoderWeights, raw: Any, src: str, dst: Path, num_classes: int | None) -> list[str]:
+    """--to hf: a transformers ConvNextV2 state_dict, or a from_pretrained folder (with a fine-tune's labels and
+    preprocessor config) -> the fresh keys."""
+    exports = checkpoint_exports(raw, src)
+    k = num_classes if num_classes is not None else (
+        int(weights.state_dict["head.fc.weight"].shape[0]) if "head.fc.weight" in weights.state_dict else 1000)
+    labels, pre = (exports[2], exports[1]) if exports and k == exports[0]["num_classes"] else (None, None)
+    fresh = write_hf(weights, dst, num_classes, labels=labels, preprocessor=pre)
+    print(f"wrote {dst}: Hugging Face ConvNextV2 state_dict{' + config.json' if not dst.suffix else ''}; "
+          f"fresh: {_parts(fresh)}" + (f"; build it with ConvNextV2Config(patch_size={weights.arch.stem_stride})"
+                                       if weights.arch.stem_stride != 4 else ""))
+    return fresh
