@@ -34,6 +34,7 @@ from convnextv2.checkpoint.minkowski import minkowski_to_timm
 from convnextv2.checkpoint.reference import reference_to_timm
 from convnextv2.encoder import create_convnextv2
 from convnextv2.timm_names import without_stage0_downsample
+from test_config_fuzz import SAMPLE_SCRIPT
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.quantize_per_tensor:UserWarning")  # the fault is the point
 
@@ -403,20 +404,7 @@ def json_copy(state: dict[str, Any]) -> dict[str, Any]:
 
 # --- through the CLI, in a fresh process ------------------------------------------------------------------------------
 
-DRIVER = r"""
-import contextlib, io, json, os, sys
-from fcmae.cli import main
-results = []
-for argv in json.loads(sys.argv[1]):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-        try:
-            code = main(argv)
-        except SystemExit as e:
-            code = e.code
-    results.append([code, err.getvalue()])
-print(json.dumps(results))
-"""
+DRIVER = SAMPLE_SCRIPT  # many argv lists through fcmae.cli.main in one fresh process -> [[exit code, stderr]]
 
 
 def demo_training_checkpoint(path: Path, break_it: Callable[[dict], None]) -> None:
